@@ -1,0 +1,1 @@
+"""One readable file per paper. Each method subclasses ``retrieval.module.RetrievalModule``."""

@@ -1,0 +1,300 @@
+"""``RetrievalModule``: the LightningModule every retriever subclasses.
+
+A method implements three stages (DESIGN.md):
+
+- ``encode_video(frames [B,T,3,H,W], frame_mask [B,T]) -> VideoFeatures`` (offline, never sees text);
+- ``encode_text(tokens [Q,L]) -> TextFeatures`` (online, once per query);
+- ``score(text, video) -> [Q, N]`` logits (online, over the gallery).
+
+and optionally ``auxiliary_losses``. Everything else is here and shared: the training step
+(features gathered across ranks with gradients, symmetric InfoNCE, logit-scale clamp),
+evaluation (each video and caption encoded once, gathered with their dataset indices, the
+distributed sampler's padding duplicates dropped, ``score`` applied in gallery chunks,
+metrics split across ranks), parameter groups (CLIP lr vs new-module lr, no decay on norms,
+biases, embeddings and the logit scale) and the step-wise warmup-cosine schedule.
+
+Training, evaluation, the offline index and the latency benchmark all call the same three
+stages: what is timed is what is scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from retrieval.backbone import CLIPBackbone
+from retrieval.features import Features, TextFeatures, VideoFeatures
+from retrieval.losses import gather_with_grad, symmetric_infonce, world
+from retrieval.metrics import RetrievalMetrics
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule of a recipe.
+
+    Attributes:
+        lr: learning rate of the new (non-CLIP) parameters.
+        clip_lr: learning rate of the CLIP backbone's parameters.
+        weight_decay: AdamW's decoupled weight decay.
+        decay_all: decay every parameter (X-Pool / Prompt Switch code) instead of excluding
+            norms, biases, embeddings and the logit scale.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_ratio: fraction of the total steps spent in linear warmup, then cosine to 0.
+    """
+
+    lr: float = 1e-4
+    clip_lr: float = 1e-7
+    weight_decay: float = 0.2
+    decay_all: bool = False
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.1
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then half a cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class RetrievalModule(L.LightningModule):
+    """Shared training and evaluation loop of a CLIP-based text-video retriever.
+
+    Args:
+        backbone: open_clip model name.
+        pretrained: ``None``, an open_clip pretrained tag, or a local checkpoint path.
+        num_frames: frames per training video (evaluation may use another count where the
+            method allows it).
+        max_words: text tokens L, SOT and EOT included.
+        optim: optimiser and schedule.
+        eval_chunk_size: gallery videos (and queries) scored per ``score`` call at evaluation.
+    """
+
+    offline: bool = False
+    """True when the method is fusion-free: one embedding per video, dot-product score."""
+
+    def __init__(
+        self,
+        backbone: str = "vtr-tiny",
+        pretrained: str | None = None,
+        num_frames: int = 12,
+        max_words: int = 32,
+        optim: OptimConfig = OptimConfig(),
+        eval_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.clip = CLIPBackbone(backbone, pretrained, max_words)
+        self.num_frames = num_frames
+        self.max_words = max_words
+        self.optim = optim
+        self.eval_chunk_size = eval_chunk_size
+        self.eval_features: dict[str, tuple[TextFeatures, VideoFeatures, Tensor]] = {}
+        self._eval_buffers: dict[str, list] = {"video": [], "text": []}
+
+    # ------------------------------------------------------------------ the three stages
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        """Text-independent video features (offline, once per video)."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: Tensor) -> TextFeatures:
+        """Query features (online, once per query)."""
+        raise NotImplementedError
+
+    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """``[Q, N]`` logits. Fusion-free default: logit scale times the dot product."""
+        if not self.offline:
+            raise NotImplementedError(f"{type(self).__name__} is text-conditioned and must implement score()")
+        return self.logit_scale() * text.sentence @ video.embedding.T
+
+    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """Extra weighted loss terms of the method, keyed by name (none by default)."""
+        return {}
+
+    # ------------------------------------------------------------------ helpers for methods
+    def logit_scale(self) -> Tensor:
+        """CLIP's learned temperature, ``exp(logit_scale)``, clamped at 100."""
+        return self.clip.logit_scale.exp().clamp(max=100.0)
+
+    def check_frames(self, frames: Tensor, frame_mask: Tensor) -> None:
+        """Clear errors for frame tensors that do not fit the backbone."""
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
+        if frame_mask.shape != frames.shape[:2]:
+            raise ValueError(f"frame_mask {tuple(frame_mask.shape)} does not match frames {tuple(frames.shape[:2])}")
+        if not bool(frame_mask.any(dim=1).all()):
+            raise ValueError("a video in the batch has no valid frame (frame_mask all False)")
+        size = self.clip.image_size
+        if frames.shape[-2:] != (size, size):
+            raise ValueError(f"frames are {tuple(frames.shape[-2:])}, the backbone {self.clip.name!r} expects {size}x{size}")
+
+    def new_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that are not CLIP's (the new-module learning-rate group)."""
+        clip_ids = {id(p) for p in self.clip.parameters()}
+        return (p for p in self.parameters() if id(p) not in clip_ids)
+
+    def score_gallery(self, text: TextFeatures, video: VideoFeatures, chunk_size: int | None = None) -> Tensor:
+        """``score`` of a few queries over a gallery, in gallery chunks: ``[q, N]``.
+
+        Text-conditioned scorers build per-pair tensors, so chunking the gallery bounds their
+        memory by the chunk, whatever N is.
+        """
+        chunk = chunk_size or self.eval_chunk_size
+        return torch.cat([self.score(text, part) for _, part in video.chunks(chunk)], dim=1)
+
+    @torch.no_grad()
+    def similarity(self, text: TextFeatures, video: VideoFeatures, chunk_size: int | None = None) -> Tensor:
+        """The full ``[Q, N]`` score matrix (small sets: analysis, tests)."""
+        chunk = chunk_size or self.eval_chunk_size
+        return torch.cat([self.score_gallery(part, video, chunk) for _, part in text.chunks(chunk)])
+
+    # ------------------------------------------------------------------ training
+    def contrastive_loss(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """Symmetric InfoNCE of this rank's pairs against the global batch."""
+        rank, world_size = world()
+        b = len(text)
+        if world_size == 1:
+            logits = self.score(text, video)
+            targets = torch.arange(b, device=logits.device)
+            return symmetric_infonce(logits, logits.T, targets)
+        all_text, all_video = gather_with_grad(text), gather_with_grad(video)
+        targets = torch.arange(b, device=self.device) + rank * b
+        return symmetric_infonce(self.score(text, all_video), self.score(all_text, video).T, targets)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        text = self.encode_text(batch["tokens"])
+        video = self.encode_video(batch["frames"], batch["frame_mask"])
+        loss = self.contrastive_loss(text, video)
+        terms = {"contrastive": loss, **self.auxiliary_losses(batch, text, video)}
+        total = sum(terms.values())
+        bs = len(text)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=bs, sync_dist=True)
+        self.log("train/logit_scale", self.logit_scale(), batch_size=bs)
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    def configure_optimizers(self):
+        clip_ids = {id(p) for p in self.clip.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = not self.optim.decay_all and (p.ndim < 2 or "embedding" in name or "logit_scale" in name)
+            groups.setdefault((id(p) in clip_ids, no_decay), []).append(p)
+        param_groups = [
+            {
+                "params": params,
+                "lr": self.optim.clip_lr if is_clip else self.optim.lr,
+                "weight_decay": 0.0 if no_decay else self.optim.weight_decay,
+                "name": f"{'clip' if is_clip else 'new'}{'/no_decay' if no_decay else ''}",
+            }
+            for (is_clip, no_decay), params in sorted(groups.items())
+        ]
+        optimizer = torch.optim.AdamW(param_groups, betas=self.optim.betas, eps=self.optim.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.optim.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Tensor]) -> None:
+        if "frames" in batch:
+            feats = self.encode_video(batch["frames"], batch["frame_mask"])
+            self._eval_buffers["video"].append((batch["video_index"], feats))
+        else:
+            feats = self.encode_text(batch["tokens"])
+            self._eval_buffers["text"].append((batch["caption_index"], batch["video_index"], feats))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_buffers = {"video": [], "text": []}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a partial pass: nothing meaningful to rank
+            self._eval_buffers = {"video": [], "text": []}
+            return
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _gather_unique(self, index: Tensor, fields: dict[str, Tensor], what: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Gather rows from all ranks, drop the sampler's padding duplicates, sort by index."""
+        gathered = self.all_gather({"index": index, **fields})
+        if self.trainer.world_size > 1:
+            gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        index = gathered.pop("index")
+        unique, first = _first_occurrence(index)
+        if not torch.equal(unique, torch.arange(len(unique), device=unique.device)):
+            raise RuntimeError(f"evaluation {what}: dataset indices are not 0..{len(unique) - 1}; some {what} were never encoded")
+        return unique, {k: v[first] for k, v in gathered.items()}
+
+    def gather_eval_features(self) -> tuple[TextFeatures, VideoFeatures, Tensor]:
+        """All ranks' evaluation features, each video and caption once, in dataset order.
+
+        Returns:
+            ``(text [Q], video [N], caption_video [Q])``.
+        """
+        videos, texts = self._eval_buffers["video"], self._eval_buffers["text"]
+        if not videos or not texts:
+            raise RuntimeError("evaluation needs a videos loader and a captions loader (see VideoTextDataModule)")
+        video_feats = VideoFeatures.cat([f for _, f in videos])
+        _, vfields = self._gather_unique(torch.cat([i for i, _ in videos]), video_feats.as_dict(), "videos")
+        text_feats = TextFeatures.cat([f for _, _, f in texts])
+        fields = {"caption_video": torch.cat([v for _, v, _ in texts]), **text_feats.as_dict()}
+        _, tfields = self._gather_unique(torch.cat([i for i, _, _ in texts]), fields, "captions")
+        caption_video = tfields.pop("caption_video")
+        self._eval_buffers = {"video": [], "text": []}
+        return TextFeatures(**tfields), VideoFeatures(**vfields), caption_video
+
+    @torch.no_grad()
+    def evaluate(self, text: TextFeatures, video: VideoFeatures, caption_video: Tensor) -> dict[str, float]:
+        """Metrics of ``score`` over the gallery; query chunks are split across ranks."""
+        rank, world_size = world()
+        metric = RetrievalMetrics(len(video)).to(caption_video.device)
+        chunk = self.eval_chunk_size
+        starts = list(range(0, len(text), chunk))[rank::world_size]
+        for q0 in starts:
+            metric.update(self.score_gallery(text[q0 : q0 + chunk], video), caption_video[q0 : q0 + chunk])
+        return metric.compute()
+
+    def _log_eval(self, stage: str) -> None:
+        text, video, caption_video = self.gather_eval_features()
+        self.eval_features[stage] = (text, video, caption_video)
+        metrics = self.evaluate(text, video, caption_video)
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
+        self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
+
+
+def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique values of ``index`` and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
+    positions = torch.arange(len(index), device=index.device)
+    first = torch.full((len(unique),), len(index), device=index.device, dtype=torch.long)
+    first.scatter_reduce_(0, inverse, positions, "amin")
+    return unique, first
