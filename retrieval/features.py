@@ -41,7 +41,12 @@ class Features(Mapping[str, Tensor]):
             raise ValueError(f"{type(self).__name__} fields must share a leading dimension, got {sizes}")
         object.__setattr__(self, "_tensors", dict(tensors))
 
+    def __reduce__(self):
+        return _rebuild, (type(self), self._tensors)
+
     def __getattr__(self, name: str) -> Tensor:
+        if name.startswith("__"):
+            raise AttributeError(name)
         try:
             return self._tensors[name]
         except KeyError:
@@ -113,6 +118,10 @@ class Features(Mapping[str, Tensor]):
     def as_dict(self) -> dict[str, Tensor]:
         """The fields as a plain dict (for ``LightningModule.all_gather`` and checkpoints)."""
         return dict(self._tensors)
+
+
+def _rebuild(cls: type[F], tensors: dict[str, Tensor]) -> F:
+    return cls(**tensors)
 
 
 class VideoFeatures(Features):

@@ -62,6 +62,10 @@ class OptimConfig:
     warmup_ratio: float = 0.1
 
 
+# hyperparameters saved in checkpoints hold an OptimConfig: allow it under torch.load(weights_only=True)
+torch.serialization.add_safe_globals([OptimConfig])
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """Linear warmup to 1 over ``warmup`` steps, then half a cosine to 0 at ``total``."""
     if step < warmup:
@@ -274,13 +278,16 @@ class RetrievalModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, text: TextFeatures, video: VideoFeatures, caption_video: Tensor) -> dict[str, float]:
-        """Metrics of ``score`` over the gallery; query chunks are split across ranks."""
+        """Metrics of ``score`` over the gallery; the queries are split evenly across ranks."""
         rank, world_size = world()
         metric = RetrievalMetrics(len(video)).to(caption_video.device)
-        chunk = self.eval_chunk_size
-        starts = list(range(0, len(text), chunk))[rank::world_size]
-        for q0 in starts:
-            metric.update(self.score_gallery(text[q0 : q0 + chunk], video), caption_video[q0 : q0 + chunk])
+        per_rank = -(-len(text) // world_size)
+        first, last = rank * per_rank, min(len(text), (rank + 1) * per_rank)
+        if first >= last:  # more ranks than queries: still take part in the metric's sync
+            metric.update(torch.empty(0, len(video), device=caption_video.device), caption_video[:0])
+        for q0 in range(first, last, self.eval_chunk_size):
+            q1 = min(last, q0 + self.eval_chunk_size)
+            metric.update(self.score_gallery(text[q0:q1], video), caption_video[q0:q1])
         return metric.compute()
 
     def _log_eval(self, stage: str) -> None:
