@@ -1,0 +1,216 @@
+"""Prompt Switch's invariants: the cube and its switch, zero-init aggregation, chunking, the captioner."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from fakes import FakeVideoText
+from jsonargparse import ArgumentParser
+
+from retrieval.module import RetrievalModule
+from retrieval.prompt_switch import (
+    PROMPT_SWITCH_OPTIM,
+    PromptSwitch,
+    caption_loss,
+    first_pair_per_video,
+    prompt_switch_block,
+    switch_prompts,
+)
+
+SOT, EOT = 49406, 49407
+
+
+def _video(b=2, t=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, 3, size, size, generator=g), torch.ones(b, t, dtype=torch.bool)
+
+
+@pytest.fixture(scope="module")
+def vitb32():
+    return PromptSwitch(backbone="ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=12, num_prompts=3).eval()
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_at_vit_b32(vitb32):
+    # methods.md: cube 27,648; aggregation MHA(768, 12) ≈ 2.36 M; captioner ≈ 33.8 M (25.3 M of it
+    # the vocabulary head). Exact counts pinned; the rounded figures within their last digit.
+    cube, aggregation, captioner = (_count(m) for m in (vitb32.prompt_cube, vitb32.aggregation, vitb32.captioner))
+    assert cube == 27_648 == 6 * 6 * 768
+    assert aggregation == 2_362_368 and abs(aggregation - 2.36e6) < 0.01e6
+    assert captioner == 33_756_416 and abs(captioner - 33.8e6) < 0.1e6
+    assert _count(vitb32.captioner.caption_head) == 512 * 49408 + 49408
+    # the aggregation sits in the CLIP lr group (official name filter), so it is not "new"
+    assert sum(p.numel() for p in vitb32.new_parameters()) == cube + captioner
+    assert vitb32.prompt_cube.prompts.std().item() == pytest.approx(768**-0.5 * 0.02, rel=0.05)  # ≈ 7.2e-4
+    assert torch.equal(vitb32.captioner.caption_head.weight, vitb32.clip.token_embedding.weight)
+    assert not vitb32.captioner.caption_head.bias.any()
+
+
+def test_aggregation_lr_group_option():
+    model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=6, num_prompts=3,
+                         aggregation_in_clip_group=False)
+    new = {id(p) for p in model.new_parameters()}
+    assert all(id(p) in new for p in model.aggregation.parameters())
+
+
+def test_recipe_yaml_parses():
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml").read_text())
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(RetrievalModule, "model")
+    args = parser.parse_object({"model": recipe["model"]}).model.init_args
+    assert (args.num_frames, args.eval_num_frames, args.num_prompts) == (6, 12, 6)
+    assert PROMPT_SWITCH_OPTIM.__dict__ == vars(args.optim)
+    assert recipe["seed_everything"] == 24 and recipe["trainer"] == {"max_epochs": 5, "gradient_clip_val": 1.0}
+    assert recipe["data"] == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6, "max_words": 77,
+                              "batch_size": 32}
+
+
+def test_switch_reads_the_transposed_prompt():
+    # 2 chunks x Np=3 frames, 2 visual tokens, width 1; prompt value 100c + 10f + p
+    c, f, p = torch.meshgrid(torch.arange(2), torch.arange(3), torch.arange(3), indexing="ij")
+    prompts = (100 * c + 10 * f + p).reshape(6, 3, 1).float()
+    visual = torch.randn(6, 2, 1)
+    out = switch_prompts(torch.cat([visual, prompts], dim=1), 3)
+    assert torch.equal(out[:, :2], visual)
+    for chunk in range(2):
+        for frame in range(3):
+            for slot in range(3):  # frame f's slot p holds P[p, f]
+                assert out[chunk * 3 + frame, 2 + slot, 0] == 100 * chunk + 10 * slot + frame
+
+
+def test_prompt_slot_is_a_channel_from_frame_p_to_frame_f(micro):
+    # one switched layer: the residual prompt P[0, 1] (frame 0, slot 1) reaches frame 1, not frame 2
+    block = micro.clip.vision_blocks[0]
+    x = torch.randn(3, 5 + 3, micro.clip.vision_width)
+    y = x.clone()
+    y[0, 5 + 1] += torch.randn(micro.clip.vision_width)  # not a constant: LayerNorm would hide it
+    with torch.no_grad():
+        a, b = prompt_switch_block(block, x, 3), prompt_switch_block(block, y, 3)
+    changed = (a - b).abs().amax(dim=-1) > 1e-6  # [frames, tokens]
+    assert changed[1, 0] and not changed[2].any()
+    assert changed[0, 5 + 1] and not changed[0, 0]  # residual stays at P[0, 1]; frame 0 itself reads P[:, 0]
+
+
+def test_aggregation_is_zero_initialised(micro):
+    frames, _ = _video()
+    with torch.no_grad():
+        tokens = micro.prompted_tokens(frames)  # [B·T, S + Np, W]
+        expected = micro.clip.project_cls(tokens[:, 0]).reshape(2, 6, -1)
+        assert torch.allclose(micro.frame_features(frames), expected, atol=1e-6)
+
+
+def test_chunks_are_independent():
+    model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=12, num_prompts=6).eval()
+    frames, mask = _video(t=12)  # 12 test frames = 2 chunks of Np=6
+    changed = frames.clone()
+    changed[:, 6:] = torch.randn_like(changed[:, 6:])
+    with torch.no_grad():
+        a, b = model.frame_features(frames), model.frame_features(changed)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6)
+    assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+    # padded frames still run, but stay out of the mean
+    mask[:, -1] = False
+    with torch.no_grad():
+        pooled = model.encode_video(frames, mask).embedding
+    assert torch.allclose(pooled, F.normalize(F.normalize(a[:, :-1], dim=-1).mean(1), dim=-1), atol=1e-6)
+
+
+def test_caption_loss_hand_checked():
+    # vocabulary of 6: pad 0, words 1-3, SOT 4, EOT 5 (largest id, as in CLIP's BPE)
+    weight = torch.tensor([1.0, 1.0, 0.25, 1.0, 0.25, 0.25])
+    tokens = torch.tensor([[4, 1, 2, 5, 0, 0], [4, 0, 5, 0, 0, 0]])  # second: a real token 0 ("!")
+    logits = torch.randn(2, 5, 6)
+    logp = logits.log_softmax(-1)
+    kept = [(0, 0, 1), (0, 1, 2), (0, 2, 5), (1, 0, 0), (1, 1, 5)]  # (row, input position, target)
+    w = torch.stack([weight[t] for _, _, t in kept])
+    nll = torch.stack([-logp[r, i, t] for r, i, t in kept])
+    expected = (w * nll).sum() / w.sum()
+    assert caption_loss(logits, tokens, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    # inputs from the first EOT on (EOT input, padding) are dropped
+    noisy = logits.clone()
+    noisy[0, 3:] += 10 * torch.randn(2, 6)
+    noisy[1, 2:] += 10 * torch.randn(3, 6)
+    assert caption_loss(noisy, tokens, weight).item() == pytest.approx(caption_loss(logits, tokens, weight).item())
+
+
+def test_frequent_word_weights(micro):
+    weight = micro.captioner.class_weight
+    frequent = [SOT, EOT, 518, 320, 269, 267]  # the, a, ".", ","
+    assert (weight[frequent] == 0.25).all()
+    assert weight[1929] == 1.0  # "dog"
+    assert int((weight == 0.25).sum()) == 19
+
+
+def test_captioner_reads_encode_video_frames(micro):
+    micro.train()
+    try:
+        frames, mask = _video()
+        video = micro.encode_video(frames, mask)
+        assert set(video) == {"embedding", "frames"}
+        tokens = torch.tensor([[SOT, 1929, 5586, EOT, 0], [SOT, 320, 1929, 269, EOT]])
+        loss = micro.auxiliary_losses({"tokens": tokens, "frame_mask": mask}, None, video)["caption"]
+        loss.backward()
+        assert micro.prompt_cube.prompts.grad.abs().sum() > 0  # through the frames of encode_video
+        assert micro.clip.token_embedding.weight.grad is None  # decoder inputs under no_grad
+    finally:
+        micro.zero_grad(set_to_none=True)
+        micro.eval()
+
+
+def test_offline_honesty(micro):
+    frames, mask = _video()
+    tokens = torch.tensor([[SOT, 1929, EOT, 0], [SOT, 320, 5586, EOT], [SOT, 269, EOT, 0]])
+    with torch.no_grad():
+        video, text = micro.encode_video(frames, mask), micro.encode_text(tokens)
+        assert list(video) == ["embedding"]
+        scores = micro.score(text, video)
+    assert torch.allclose(scores, micro.logit_scale() * text.sentence @ video.embedding.T)
+    assert micro.logit_scale() > 0
+
+
+def test_duplicate_videos_dropped_keeping_the_first():
+    batch = {"video_index": torch.tensor([3, 1, 3, 2, 1]), "caption_index": torch.arange(5)}
+    out = first_pair_per_video(batch)
+    assert out["video_index"].tolist() == [3, 1, 2] and out["caption_index"].tolist() == [0, 1, 3]
+
+
+def test_clear_errors(micro):
+    with pytest.raises(ValueError, match="num_frames=4.*num_prompts=3"):
+        PromptSwitch(backbone="vtr-micro", num_frames=4, eval_num_frames=6, num_prompts=3)
+    with pytest.raises(ValueError, match="eval_num_frames=8.*num_prompts=6"):
+        PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=8)
+    with pytest.raises(ValueError, match="max_words"):
+        PromptSwitch(backbone="vtr-micro", max_words=64)
+    frames, mask = _video(t=4)
+    with pytest.raises(ValueError, match="num_prompts=3"):
+        micro.encode_video(frames, mask)
+
+
+@pytest.mark.parametrize("use_captioner", [True, False])
+def test_fit_and_test(trainer_kwargs, use_captioner):
+    model = PromptSwitch(backbone="vtr-tiny", num_frames=6, eval_num_frames=6, num_prompts=3,
+                         use_captioner=use_captioner)
+    trainer = L.Trainer(**trainer_kwargs, max_steps=2)
+    data = FakeVideoText(num_videos=6, num_frames=6, size=64, batch_size=4)
+    trainer.fit(model, data)
+    assert ("train/caption" in trainer.callback_metrics) == use_captioner
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
+    assert group_of[id(model.aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
+    assert group_of[id(model.prompt_cube.prompts)] == "new"
+    assert set(groups) == {"clip", "new"}  # decay_all: weight decay on every parameter
+    metrics = trainer.test(model, data, verbose=False)[0]
+    assert 0.0 <= metrics["test/t2v/R@1"] <= 100.0
