@@ -1,0 +1,524 @@
+"""``VideoTextDataModule``: annotation records → decoded, CLIP-normalised, tokenised batches.
+
+Batch contract (B videos or captions, T frames, L = ``max_words`` tokens, S = image size):
+
+- training batch: ``frames`` float32 ``[B, T, 3, S, S]``, ``frame_mask`` bool ``[B, T]``,
+  ``tokens`` int64 ``[B, L]``, ``video_index`` int64 ``[B]``, ``caption_index`` int64 ``[B]``;
+  one item per (video, caption) pair.
+- validation / test: two loaders, ``[videos, captions]``. Videos: ``frames``, ``frame_mask``,
+  ``video_index`` (each video once). Captions: ``tokens``, ``caption_index``, ``video_index``
+  (each caption once, with the index of its video). ``eval_caption_video(stage)`` is the
+  full caption → video map.
+
+Padding frames (clips shorter than T) are zeros with ``frame_mask`` False. Tokens are
+open_clip's ``[SOT, ..., EOT, 0, ...]``; the token mask is ``tokens != 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from retrieval.data import synthetic
+from retrieval.data.formats import READERS, VideoRecord, read_split, resolve_video_path
+from retrieval.data.video import SAMPLING_MODES, VideoDecodeError, read_frames, sample_indices
+
+log = logging.getLogger(__name__)
+
+BAD_VIDEO_POLICIES = ("error", "skip")
+_EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def default_cache_dir() -> Path:
+    """``$VTR_CACHE`` if set, else ``~/.cache/vtr``."""
+    return Path(os.environ.get("VTR_CACHE") or "~/.cache/vtr").expanduser()
+
+
+def backbone_image_size(backbone: str) -> tuple[int, int]:
+    """The ``(height, width)`` an open_clip model config expects.
+
+    vtr's own configs (``vtr-tiny``, ...) are registered by importing ``retrieval``.
+
+    Raises:
+        ValueError: ``backbone`` is not an open_clip model config.
+    """
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        raise ValueError(f"unknown backbone {backbone!r}: no open_clip model config of that name "
+                         "(see open_clip.list_models())")
+    size = config["vision_cfg"]["image_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class ClipTransform:
+    """CLIP preprocessing on decoded frames: bicubic resize of the shortest side to the
+    model's image size, centre crop, ``OPENAI_DATASET_MEAN/STD`` normalisation.
+
+    Args:
+        image_size: ``(height, width)`` of the model input.
+    """
+
+    def __init__(self, image_size: tuple[int, int]) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+
+    def __call__(self, frames: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` + bool ``[T]`` → float32 ``[T, 3, S, S]``; padding stays 0."""
+        out = torch.zeros(len(frames), 3, *self.image_size)
+        x = torch.from_numpy(frames[mask]).permute(0, 3, 1, 2).float().div_(255)  # [t, 3, H, W]
+        height, width = x.shape[-2:]
+        short = max(self.image_size)
+        if min(height, width) != short:
+            scale = short / min(height, width)
+            size = (max(short, int(height * scale)), max(short, int(width * scale)))
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+        top = (x.shape[-2] - self.image_size[0]) // 2
+        left = (x.shape[-1] - self.image_size[1]) // 2
+        x = x[..., top : top + self.image_size[0], left : left + self.image_size[1]]
+        out[torch.from_numpy(mask)] = (x - self.mean) / self.std
+        return out
+
+
+@dataclass
+class SplitData:
+    """One split, flattened: records, every caption, and the caption → video map."""
+
+    records: list[VideoRecord]
+    captions: list[str]
+    caption_video: torch.Tensor  # [num_captions] int64
+
+    @classmethod
+    def from_records(cls, records: list[VideoRecord]) -> SplitData:
+        captions = [caption for record in records for caption in record.captions]
+        owner = [i for i, record in enumerate(records) for _ in record.captions]
+        return cls(records, captions, torch.tensor(owner, dtype=torch.long))
+
+
+class _VideoLoader:
+    """Decodes and transforms one record's frames (shared by the train and eval datasets)."""
+
+    def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform) -> None:
+        self.num_frames, self.mode, self.segments, self.transform = num_frames, mode, segments, transform
+
+    def __call__(self, record: VideoRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments,
+                                   video_id=record.video_id)
+        return self.transform(frames, mask), torch.from_numpy(mask)
+
+
+class TrainDataset(Dataset):
+    """One item per (video, caption) pair of a split."""
+
+    def __init__(self, data: SplitData, load: _VideoLoader, tokenizer) -> None:
+        self.data, self.load, self.tokenizer = data, load, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.data.captions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        video = int(self.data.caption_video[index])
+        frames, mask = self.load(self.data.records[video])
+        return {
+            "frames": frames,
+            "frame_mask": mask,
+            "tokens": self.tokenizer([self.data.captions[index]])[0],
+            "video_index": torch.tensor(video),
+            "caption_index": torch.tensor(index),
+        }
+
+
+class VideoDataset(Dataset):
+    """Each video of a split once (evaluation gallery)."""
+
+    def __init__(self, data: SplitData, load: _VideoLoader) -> None:
+        self.data, self.load = data, load
+
+    def __len__(self) -> int:
+        return len(self.data.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        frames, mask = self.load(self.data.records[index])
+        return {"frames": frames, "frame_mask": mask, "video_index": torch.tensor(index)}
+
+
+class CaptionDataset(Dataset):
+    """Each caption of a split once (evaluation queries), with the index of its video."""
+
+    def __init__(self, data: SplitData, tokenizer) -> None:
+        self.data, self.tokenizer = data, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.data.captions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "tokens": self.tokenizer([self.data.captions[index]])[0],
+            "caption_index": torch.tensor(index),
+            "video_index": self.data.caption_video[index],
+        }
+
+
+class PairBatchSampler(BatchSampler):
+    """Training batches that hold both clips of every pair they touch (hard negatives).
+
+    Every epoch the pairs are shuffled with a generator seeded by ``seed + epoch``; each
+    pair contributes one randomly chosen caption item of each of its two clips, so a batch
+    of ``batch_size`` items holds ``batch_size // 2`` pairs and an epoch sees one caption per
+    clip. All ranks draw the same batches and keep every ``num_replicas``-th one, so each
+    rank gets the same number of batches.
+
+    ``sampler`` only carries the distributed layout and the epoch: it is a
+    ``DistributedSampler`` (``num_replicas=1`` when not distributed). Under DDP Lightning
+    re-creates this batch sampler with its own ``DistributedSampler`` in place of
+    ``sampler`` (it does so for every ``BatchSampler`` subclass built inside a
+    ``*_dataloader`` hook) and calls its ``set_epoch`` every epoch, so
+    ``use_distributed_sampler=True`` (the default) needs no special handling.
+
+    Args:
+        sampler: Supplies ``num_replicas``, ``rank`` and ``epoch``.
+        batch_size: Items per batch (even).
+        drop_last: Drop the last incomplete batch; without it the batch list is padded by
+            repeating batches from its start until it divides among the replicas.
+        pairs: Per pair, the dataset item indices of each clip's captions.
+        seed: Shuffling seed.
+    """
+
+    def __init__(
+        self,
+        sampler: DistributedSampler,
+        batch_size: int,
+        drop_last: bool = True,
+        *,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        seed: int = 0,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        if batch_size % 2:
+            raise ValueError(f"pair batches need an even batch_size; got {batch_size}")
+        if not pairs:
+            raise ValueError("pair batches need at least one pair")
+        self.pairs = [(list(a), list(b)) for a, b in pairs]
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that seeds the shuffle (Lightning sets it on ``sampler``)."""
+        self.sampler.set_epoch(epoch)
+
+    def _num_batches(self) -> int:
+        pairs_per_batch, replicas = self.batch_size // 2, self.sampler.num_replicas
+        if self.drop_last:
+            return len(self.pairs) // pairs_per_batch // replicas
+        return math.ceil(math.ceil(len(self.pairs) / pairs_per_batch) / replicas)
+
+    def __len__(self) -> int:
+        return self._num_batches()
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.sampler.epoch)
+        order = torch.randperm(len(self.pairs), generator=generator).tolist()
+        picks = torch.rand(len(self.pairs), 2, generator=generator)
+        pairs_per_batch = self.batch_size // 2
+        batches = [order[i : i + pairs_per_batch] for i in range(0, len(order), pairs_per_batch)]
+        total = self._num_batches() * self.sampler.num_replicas
+        batches = (batches * (total // max(len(batches), 1) + 1))[:total]
+        for batch in batches[self.sampler.rank :: self.sampler.num_replicas]:
+            items = []
+            for pair in batch:
+                for side, captions in enumerate(self.pairs[pair]):
+                    items.append(captions[int(picks[pair, side] * len(captions))])
+            yield items
+
+
+class VideoTextDataModule(LightningDataModule):
+    """Text-video retrieval data: one DataModule for every dataset format.
+
+    What runs where:
+
+    - ``prepare_data`` (one process per node): generates the synthetic benchmark into
+      ``root`` if it is not already there. Nothing for real datasets.
+    - ``setup(stage)`` (every process): reads the annotation records of the splits the stage
+      needs (fit: train + val; validate: val; test/predict: test); with
+      ``on_bad_video="skip"`` it also decodes every video of those splits once, in a thread
+      pool, and drops the unreadable ones (each id and the total are logged).
+    - ``__getitem__`` (DataLoader workers): PyAV decode of the sampled frames, CLIP
+      transform, tokenisation. Training samples frames with ``train_sampling``; evaluation
+      always samples uniformly with ``eval_num_frames``.
+
+    Batches (see the module docstring): training yields (video, caption) items; validation
+    and test return two loaders, ``[videos, captions]``, so each video is decoded and
+    encoded once and every caption is a query. ``batch_size`` is per device.
+
+    Distributed: evaluation loaders are plain sequential loaders, so Lightning injects its
+    ``DistributedSampler`` (which pads with duplicates; ``video_index`` / ``caption_index``
+    let the module drop them). Training uses either a shuffled loader (Lightning injects
+    the sampler) or, with ``pair_batches``, a ``PairBatchSampler`` that Lightning re-creates
+    with the distributed layout (see its docstring).
+
+    Args:
+        dataset: Annotation format: ``synthetic``, ``msrvtt`` or ``msvd``.
+        root: Dataset folder. Synthetic: where it is generated (default
+            ``$VTR_CACHE/synthetic/<parameters>``, ``$VTR_CACHE`` defaulting to
+            ``~/.cache/vtr``). Real datasets: the default of ``annotations_dir`` and, with
+            ``/videos`` appended, of ``videos_dir``.
+        annotations_dir: Folder of the annotation files (real datasets).
+        videos_dir: Folder of the video files (real datasets).
+        backbone: open_clip model name; used only for the tokenizer and the image size.
+        num_frames: Frames per training clip.
+        eval_num_frames: Frames per evaluation clip (default ``num_frames``).
+        frame_segments: Segments of the frame sampler (default: one sample per segment);
+            must divide both frame counts. See ``retrieval.data.video.sample_indices``.
+        max_words: Token context length, SOT and EOT included.
+        batch_size: Training items per batch, per device.
+        eval_batch_size: Videos or captions per evaluation batch.
+        num_workers: DataLoader workers for training and evaluation videos.
+        train_sampling: ``random`` (a random frame per segment slot) or ``uniform``.
+        on_bad_video: ``error`` raises on the first unreadable video; ``skip`` drops them at
+            setup.
+        pair_batches: Synthetic only (ignored elsewhere): keep both clips of a pair in the
+            same training batch, so the partner is an in-batch hard negative.
+        synthetic_num_train: Synthetic training clips.
+        synthetic_num_val: Synthetic validation clips.
+        synthetic_num_test: Synthetic test clips.
+        synthetic_seed: Seed of the generated clips.
+        synthetic_difficulty: ``easy`` or ``hard``.
+        seed: Seed of the pair-batch shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | None = None,
+        annotations_dir: str | None = None,
+        videos_dir: str | None = None,
+        backbone: str = "vtr-tiny",
+        num_frames: int = 8,
+        eval_num_frames: int | None = None,
+        frame_segments: int | None = None,
+        max_words: int = 32,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        train_sampling: str = "random",
+        on_bad_video: str = "error",
+        pair_batches: bool = True,
+        synthetic_num_train: int = 4000,
+        synthetic_num_val: int = 400,
+        synthetic_num_test: int = 400,
+        synthetic_seed: int = 0,
+        synthetic_difficulty: str = "easy",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset not in READERS:
+            raise ValueError(f"unknown dataset {dataset!r}; known formats: {sorted(READERS)}")
+        if on_bad_video not in BAD_VIDEO_POLICIES:
+            raise ValueError(f"on_bad_video must be one of {BAD_VIDEO_POLICIES}; got {on_bad_video!r}")
+        if train_sampling not in SAMPLING_MODES:
+            raise ValueError(f"train_sampling must be one of {SAMPLING_MODES}; got {train_sampling!r}")
+        self.eval_num_frames = num_frames if eval_num_frames is None else eval_num_frames
+        for frames in (num_frames, self.eval_num_frames):
+            sample_indices(frames, frames, segments=frame_segments)  # validates the frame_segments
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be positive; got {batch_size}, {eval_batch_size}")
+        self.pair_batches = pair_batches and dataset == "synthetic"
+        if self.pair_batches and batch_size % 2:
+            raise ValueError(f"pair_batches needs an even batch_size; got {batch_size}")
+
+        self.synthetic_params = {
+            "num_train": synthetic_num_train, "num_val": synthetic_num_val, "num_test": synthetic_num_test,
+            "seed": synthetic_seed, "difficulty": synthetic_difficulty,
+        }
+        if dataset == "synthetic":
+            tag = "{difficulty}-seed{seed}-{num_train}-{num_val}-{num_test}".format(**self.synthetic_params)
+            self.root = Path(root).expanduser() if root else default_cache_dir() / "synthetic" / tag
+            self.annotations_dir, self.videos_dir = self.root, self.root / synthetic.VIDEOS_DIR
+        else:
+            if root is None and (annotations_dir is None or videos_dir is None):
+                raise ValueError(f"dataset {dataset!r} needs root, or both annotations_dir and videos_dir")
+            self.root = Path(root).expanduser() if root else None
+            self.annotations_dir = Path(annotations_dir or self.root).expanduser()
+            self.videos_dir = Path(videos_dir).expanduser() if videos_dir else self.root / "videos"
+
+        self.image_size = backbone_image_size(backbone)
+        self.tokenizer = open_clip.get_tokenizer(backbone, context_length=max_words)
+        context = open_clip.get_model_config(backbone)["text_cfg"].get("context_length", 77)
+        if max_words > context:
+            raise ValueError(f"max_words ({max_words}) exceeds {backbone}'s text context length ({context})")
+        self.transform = ClipTransform(self.image_size)
+        self._splits: dict[str, SplitData] = {}
+        self._pairs: dict[str, synthetic.PairInfo] | None = None
+
+    def prepare_data(self) -> None:
+        """Generates the synthetic benchmark if ``root`` does not hold it yet."""
+        if self.hparams.dataset == "synthetic":
+            synthetic.generate(self.root, **self.synthetic_params)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Reads the records of the splits ``stage`` needs (idempotent)."""
+        if self.hparams.dataset == "synthetic":
+            if not synthetic.is_complete(self.root, **self.synthetic_params):
+                raise RuntimeError(
+                    f"no complete synthetic dataset at {self.root} for {self.synthetic_params}; "
+                    "call prepare_data() first (the Trainer does)"
+                )
+            self._pairs = synthetic.pair_info(self.root)
+        splits = _STAGE_SPLITS[stage] if stage else ("train", "val", "test")
+        for split in splits:
+            if split not in self._splits:
+                self._splits[split] = SplitData.from_records(self._read(split))
+        if "train" in splits:
+            self._check_train_size()
+
+    def _read(self, split: str) -> list[VideoRecord]:
+        name = self.hparams.dataset
+        if self.hparams.on_bad_video == "error":
+            return read_split(name, self.annotations_dir, split, self.videos_dir)
+        records = read_split(name, self.annotations_dir, split)
+        return self._drop_bad_videos(records, split)
+
+    def _drop_bad_videos(self, records: list[VideoRecord], split: str) -> list[VideoRecord]:
+        """Decodes every video once and drops the unreadable ones, logging each and the total."""
+
+        def check(record: VideoRecord) -> tuple[VideoRecord, str | None]:
+            path = resolve_video_path(self.videos_dir, record.video_id)
+            if path is None:
+                return record, f"no file {self.videos_dir / record.video_id}.* found"
+            try:
+                read_frames(path, self.eval_num_frames, "uniform", self.hparams.frame_segments,
+                            video_id=record.video_id)
+            except VideoDecodeError as error:
+                return record, str(error)
+            return VideoRecord(record.video_id, path, record.captions, record.split), None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            checked = list(pool.map(check, records))
+        kept = [record for record, error in checked if error is None]
+        for record, error in checked:
+            if error is not None:
+                _warn(f"on_bad_video='skip': skipping {split} video {record.video_id!r}: {error}")
+        if len(kept) < len(records):
+            _warn(f"on_bad_video='skip': skipped {len(records) - len(kept)} of {len(records)} {split} videos")
+        if not kept:
+            raise VideoDecodeError(f"no readable video in the {split} split of {self.videos_dir}")
+        return kept
+
+    def _check_train_size(self) -> None:
+        batch_size = self.hparams.batch_size
+        if self.pair_batches:
+            available, needed = len(self._train_pairs()), batch_size // 2
+            unit = "pairs"
+        else:
+            available, needed, unit = len(self._splits["train"].captions), batch_size, "items"
+        if available < needed:
+            raise ValueError(f"the training split has {available} {unit}, fewer than one batch "
+                             f"(batch_size={batch_size}); lower batch_size")
+
+    def _split(self, split: str) -> SplitData:
+        if split not in self._splits:
+            raise RuntimeError(f"the {split} split is not loaded; call setup() first")
+        return self._splits[split]
+
+    def _eval_split(self, stage: str) -> SplitData:
+        if stage not in _EVAL_STAGES:
+            raise ValueError(f"stage must be one of {sorted(_EVAL_STAGES)}; got {stage!r}")
+        return self._split(_EVAL_STAGES[stage])
+
+    def _train_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """Per complete pair of the training split, the item indices of each clip's captions."""
+        data = self._split("train")
+        position = {record.video_id: i for i, record in enumerate(data.records)}
+        items: list[list[int]] = [[] for _ in data.records]
+        for caption, video in enumerate(data.caption_video.tolist()):
+            items[video].append(caption)
+        pairs = []
+        for i, record in enumerate(data.records):
+            partner = position.get(self._pairs[record.video_id].partner, -1)
+            if partner > i:
+                pairs.append((items[i], items[partner]))
+        return pairs
+
+    def records(self, split: str) -> list[VideoRecord]:
+        """The loaded records of ``train``, ``val`` or ``test``, in index order."""
+        return self._split(split).records
+
+    def num_eval_videos(self, stage: str) -> int:
+        """Number of videos of the ``val`` or ``test`` gallery."""
+        return len(self._eval_split(stage).records)
+
+    def eval_caption_video(self, stage: str) -> torch.Tensor:
+        """int64 ``[num_captions]``: the video index of every caption of ``val`` or ``test``."""
+        return self._eval_split(stage).caption_video
+
+    def eval_annotations(self, stage: str) -> dict[str, torch.Tensor]:
+        """Evaluation metadata of ``val`` or ``test``.
+
+        Returns:
+            ``caption_video`` int64 ``[num_captions]``. For the synthetic benchmark also
+            ``video_partner`` int64 ``[num_videos]`` (the partner's video index, -1 if it
+            was skipped), ``video_kind`` and ``caption_kind`` int64 (indices into
+            ``synthetic.KINDS``: 0 static, 1 temporal).
+        """
+        data = self._eval_split(stage)
+        out = {"caption_video": data.caption_video}
+        if self._pairs is None:
+            return out
+        position = {record.video_id: i for i, record in enumerate(data.records)}
+        info = [self._pairs[record.video_id] for record in data.records]
+        out["video_partner"] = torch.tensor([position.get(i.partner, -1) for i in info], dtype=torch.long)
+        out["video_kind"] = torch.tensor([synthetic.KINDS.index(i.kind) for i in info], dtype=torch.long)
+        out["caption_kind"] = out["video_kind"][data.caption_video]
+        return out
+
+    def _loader(self, dataset: Dataset, num_workers: int, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        load = _VideoLoader(self.hparams.num_frames, self.hparams.train_sampling,
+                            self.hparams.frame_segments, self.transform)
+        dataset = TrainDataset(self._split("train"), load, self.tokenizer)
+        workers = self.hparams.num_workers
+        if self.pair_batches:
+            sampler = PairBatchSampler(
+                DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False),
+                self.hparams.batch_size, True, pairs=self._train_pairs(), seed=self.hparams.seed,
+            )
+            return self._loader(dataset, workers, batch_sampler=sampler)
+        return self._loader(dataset, workers, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
+
+    def _eval_dataloaders(self, split: str) -> list[DataLoader]:
+        data = self._split(split)
+        load = _VideoLoader(self.eval_num_frames, "uniform", self.hparams.frame_segments, self.transform)
+        size = self.hparams.eval_batch_size
+        return [
+            self._loader(VideoDataset(data, load), self.hparams.num_workers, batch_size=size),
+            self._loader(CaptionDataset(data, self.tokenizer), 0, batch_size=size),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[videos loader, captions loader]`` of the validation split."""
+        return self._eval_dataloaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``[videos loader, captions loader]`` of the test split."""
+        return self._eval_dataloaders("test")
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    log.warning(message)

@@ -1,0 +1,177 @@
+"""VideoTextDataModule: batch contract, evaluation maps, pair batches (also under DDP), skip policy."""
+
+import logging
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from lightning.fabric.utilities.data import _replace_dunder_methods
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DistributedSampler
+
+from retrieval.data import synthetic
+from retrieval.data.datamodule import ClipTransform, PairBatchSampler, VideoTextDataModule
+from retrieval.data.video import VideoDecodeError
+
+SMALL = {"synthetic_num_train": 24, "synthetic_num_val": 12, "synthetic_num_test": 12}
+
+
+def _datamodule(root, **kwargs) -> VideoTextDataModule:
+    options = {"root": str(root), **SMALL, "batch_size": 8, "eval_batch_size": 5, **kwargs}
+    dm = VideoTextDataModule(**options)
+    dm.prepare_data()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dm") / "synthetic"
+    synthetic.generate(root, num_train=24, num_val=12, num_test=12, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dm(root):
+    dm = _datamodule(root)
+    dm.setup("fit")
+    return dm
+
+
+def test_train_batch_contract(dm):
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["frames"].shape == (8, 8, 3, 64, 64) and batch["frames"].dtype == torch.float32
+    assert batch["frame_mask"].dtype == torch.bool and batch["frame_mask"].all()
+    assert batch["tokens"].shape == (8, 32) and batch["tokens"].dtype == torch.long
+    assert (batch["tokens"][:, 0] == 49406).all()  # open_clip SOT
+    assert batch["video_index"].dtype == torch.long and batch["caption_index"].dtype == torch.long
+    owner = [v for v, record in enumerate(dm.records("train")) for _ in record.captions]
+    assert [owner[c] for c in batch["caption_index"].tolist()] == batch["video_index"].tolist()
+
+
+def test_val_loaders_cover_every_video_and_caption_once(dm):
+    videos, captions = dm.val_dataloader()
+    video_batches, caption_batches = list(videos), list(captions)
+    assert video_batches[0]["frames"].shape == (5, 8, 3, 64, 64)
+    seen_videos = torch.cat([b["video_index"] for b in video_batches])
+    assert seen_videos.tolist() == list(range(dm.num_eval_videos("val"))) == list(range(12))
+    caption_index = torch.cat([b["caption_index"] for b in caption_batches])
+    caption_video = torch.cat([b["video_index"] for b in caption_batches])
+    assert caption_index.tolist() == list(range(36))  # 12 videos × 3 captions
+    assert torch.equal(caption_video, dm.eval_caption_video("val"))
+    records = dm.records("val")
+    tokenizer = open_clip.get_tokenizer("vtr-tiny", context_length=32)
+    for i in (0, 17, 35):
+        expected = tokenizer([records[int(caption_video[i])].captions[i % 3]])[0]
+        assert torch.equal(torch.cat([b["tokens"] for b in caption_batches])[i], expected)
+
+
+def test_eval_annotations(dm):
+    notes = dm.eval_annotations("validate")
+    partner = notes["video_partner"]
+    assert torch.equal(partner[partner], torch.arange(12))
+    assert torch.equal(notes["caption_kind"], notes["video_kind"][notes["caption_video"]])
+    assert notes["video_kind"].tolist().count(1) == 6  # half temporal
+    with pytest.raises(ValueError, match="stage"):
+        dm.eval_annotations("train")
+
+
+def test_pair_batches_keep_pairs_together(dm):
+    records = dm.records("train")
+    position = {r.video_id: i for i, r in enumerate(records)}
+    info = synthetic.pair_info(dm.root)
+    partner = {i: position[info[r.video_id].partner] for i, r in enumerate(records)}
+    loader = dm.train_dataloader()
+    assert len(loader) == 3  # 12 pairs, 4 per batch
+    seen = []
+    for batch in loader:
+        videos = set(batch["video_index"].tolist())
+        assert len(videos) == 8 and all(partner[v] in videos for v in videos)
+        seen += sorted(videos)
+    assert sorted(seen) == list(range(24))
+
+
+def _epoch(sampler: PairBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_pair_sampler_seeded_and_sharded():
+    pairs = [([4 * p, 4 * p + 1], [4 * p + 2, 4 * p + 3]) for p in range(10)]
+    data = list(range(40))
+    single = PairBatchSampler(DistributedSampler(data, num_replicas=1, rank=0), 4, pairs=pairs, seed=1)
+    assert _epoch(single, 0) == _epoch(single, 0) != _epoch(single, 1)
+    assert len(single) == 5 == len(_epoch(single, 2))
+    shards = [PairBatchSampler(DistributedSampler(data, num_replicas=2, rank=r), 4, pairs=pairs, seed=1)
+              for r in range(2)]
+    batches = [_epoch(s, 3) for s in shards]
+    assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2  # 5 batches → 2 per rank
+    flat = [i for rank in batches for batch in rank for i in batch]
+    assert len(flat) == len(set(flat)) == 16
+    padded = PairBatchSampler(DistributedSampler(data, num_replicas=2, rank=1), 4, False, pairs=pairs)
+    assert len(padded) == len(_epoch(padded, 0)) == 3
+    with pytest.raises(ValueError, match="even"):
+        PairBatchSampler(DistributedSampler(data, num_replicas=1, rank=0), 5, pairs=pairs)
+
+
+def test_lightning_injects_its_distributed_sampler(dm):
+    """What Lightning does to a training loader under DDP: re-create the batch sampler."""
+    with _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()
+    sharded = _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=1))
+    assert isinstance(sharded.batch_sampler, PairBatchSampler)
+    assert sharded.batch_sampler.sampler.num_replicas == 2 and len(sharded) == 1
+
+
+def test_other_backbone_sets_image_size(root):
+    dm = _datamodule(root, backbone="vtr-micro", eval_num_frames=4, frame_segments=2, num_frames=4)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()[0]))
+    assert batch["frames"].shape == (5, 4, 3, 32, 32)
+
+
+def test_clip_transform():
+    transform = ClipTransform((32, 32))
+    frames = np.full((3, 40, 80, 3), 255, dtype=np.uint8)
+    out = transform(frames, np.array([True, True, False]))
+    assert out.shape == (3, 3, 32, 32)
+    white = (1 - torch.tensor(open_clip.OPENAI_DATASET_MEAN)) / torch.tensor(open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(out[0, :, 16, 16], white)
+    assert not out[2].any()
+
+
+def test_argument_errors(root, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"num_frames \(8\).*segments \(3\)"):
+        VideoTextDataModule(root=str(root), frame_segments=3)
+    with pytest.raises(ValueError, match="max_words"):
+        VideoTextDataModule(root=str(root), max_words=64)
+    with pytest.raises(ValueError, match="backbone"):
+        VideoTextDataModule(root=str(root), backbone="no-such-model")
+    with pytest.raises(ValueError, match="known formats"):
+        VideoTextDataModule(dataset="kinetics")
+    with pytest.raises(ValueError, match="root"):
+        VideoTextDataModule(dataset="msrvtt")
+    monkeypatch.setenv("VTR_CACHE", str(tmp_path))
+    fresh = VideoTextDataModule(**SMALL)
+    assert fresh.root.parent == tmp_path / "synthetic"
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        fresh.setup("fit")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        _datamodule(root, batch_size=32).setup("fit")
+
+
+def test_skip_policy_drops_and_logs_bad_videos(tmp_path, caplog):
+    root = tmp_path / "bad"
+    dm = _datamodule(root)
+    (root / "videos" / "video25.mp4").write_bytes(b"not a video at all")
+    (root / "videos" / "video30.mp4").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.datamodule"):
+        skipping = _datamodule(root, on_bad_video="skip")
+        skipping.setup("validate")
+    assert [r.video_id for r in skipping.records("val")] == [f"video{i}" for i in range(24, 36) if i not in (25, 30)]
+    assert "video25" in caplog.text and "video30" in caplog.text and "skipped 2 of 12 val videos" in caplog.text
+    partner = skipping.eval_annotations("val")["video_partner"]
+    assert (partner == -1).sum() == 2  # the partners of the dropped clips lost their pair
+    dm.setup("validate")
+    with pytest.raises(VideoDecodeError, match="video25"):
+        list(dm.val_dataloader()[0])

@@ -1,0 +1,122 @@
+"""PyAV decoding and the frame sampler: round trips, chunk order, padding, bad input."""
+
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.data import video
+from retrieval.data.video import VideoDecodeError, read_frames, sample_indices, write_video
+
+STEP = 10  # red channel of frame t is STEP * t
+
+
+def _colour_clip(num_frames: int, height: int = 32, width: int = 48) -> np.ndarray:
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        frames[t] = (STEP * t, 255 - STEP * t, 128)
+    return frames
+
+
+def _frame_numbers(frames: np.ndarray) -> np.ndarray:
+    """Which source frame each decoded frame is, read back from its red channel."""
+    return np.round(frames[:, :, :, 0].mean(axis=(1, 2)) / STEP).astype(int)
+
+
+@pytest.fixture(scope="module")
+def clip24(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("video") / "clip24.mp4", _colour_clip(24), fps=8,
+                       options={"g": "4"})
+
+
+def test_round_trip_uniform(clip24):
+    frames, mask = read_frames(clip24, 8)
+    assert frames.dtype == np.uint8 and frames.shape == (8, 32, 48, 3)
+    assert mask.dtype == bool and mask.all()
+    expected = sample_indices(24, 8)
+    np.testing.assert_array_equal(expected, [1, 4, 7, 10, 13, 16, 19, 22])  # segment middles
+    np.testing.assert_array_equal(_frame_numbers(frames), expected)
+    reference = _colour_clip(24)[expected].astype(int)
+    assert np.abs(frames.astype(int) - reference).max() <= 8  # codec tolerance
+
+
+def test_seeking_path_matches_sequential(clip24, monkeypatch):
+    sequential, _ = read_frames(clip24, 8, segments=4)
+    monkeypatch.setattr(video, "SEQUENTIAL_MAX_FRAMES", 0)  # force the index + seek path
+    seeking, mask = read_frames(clip24, 8, segments=4)
+    assert mask.all()
+    np.testing.assert_array_equal(seeking, sequential)
+
+
+def test_chunk_major_order(clip24):
+    index = sample_indices(16, 8, segments=4)
+    np.testing.assert_array_equal(index, [1, 5, 9, 13, 2, 6, 10, 14])  # 1/3 and 2/3 of each segment
+    for chunk in index.reshape(2, 4):  # every chunk spans the whole video, one frame per segment
+        np.testing.assert_array_equal(chunk // 4, [0, 1, 2, 3])
+    frames, _ = read_frames(clip24, 8, segments=2)
+    np.testing.assert_array_equal(_frame_numbers(frames), sample_indices(24, 8, segments=2))
+    np.testing.assert_array_equal(sample_indices(24, 8, segments=2), [2, 14, 4, 16, 7, 19, 9, 21])
+
+
+def test_segments_must_divide_num_frames():
+    with pytest.raises(ValueError, match=r"num_frames \(8\).*segments \(3\)"):
+        sample_indices(24, 8, segments=3)
+    with pytest.raises(ValueError, match="mode"):
+        sample_indices(24, 8, mode="middle")
+
+
+def test_short_video_is_padded_and_masked(tmp_path):
+    path = write_video(tmp_path / "short.mp4", _colour_clip(5))
+    frames, mask = read_frames(path, 8)
+    np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)
+    np.testing.assert_array_equal(_frame_numbers(frames[:5]), range(5))
+    assert not frames[5:].any()
+
+
+def test_random_mode_within_slots_and_reproducible(clip24):
+    for segments in (8, 4, 2):
+        draws = np.stack([sample_indices(24, 8, "random", segments,
+                                         generator=torch.Generator().manual_seed(s)) for s in range(50)])
+        per_segment = 8 // segments
+        # undo the chunk-major order: slot j (segment-major) must stay in [3j, 3j + 3)
+        slots = draws.reshape(50, per_segment, segments).transpose(0, 2, 1).reshape(50, 8)
+        assert ((slots // 3) == np.arange(8)).all()
+        assert len({tuple(d) for d in draws}) > 1
+    first = read_frames(clip24, 8, "random", generator=torch.Generator().manual_seed(3))[0]
+    again = read_frames(clip24, 8, "random", generator=torch.Generator().manual_seed(3))[0]
+    np.testing.assert_array_equal(first, again)
+
+
+def _no_video_stream(path):
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(8000)
+        handle.writeframes(b"\x00\x00" * 800)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_video", "no_video_stream"])
+def test_bad_input_raises_with_path_and_id(tmp_path, clip24, kind):
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = clip24.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not_video":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "no_video_stream":
+        path = tmp_path / "audio.wav"
+        _no_video_stream(path)
+    with pytest.raises(VideoDecodeError) as error:
+        read_frames(path, 8, video_id=f"id-{kind}")
+    assert str(path) in str(error.value) and f"id-{kind}" in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_write_video_checks_its_input(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        write_video(tmp_path / "odd.mp4", np.zeros((2, 33, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        write_video(tmp_path / "float.mp4", np.zeros((2, 32, 32, 3), dtype=np.float32))
