@@ -1,0 +1,143 @@
+"""CLIP2Video: new parameters, CLIP-text initialisation, the one-dot-product mix, the two-term loss."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import FakeVideoText
+
+from baselines.clip2video import CLIP2Video
+from baselines.clip4clip import MeanPool
+from retrieval.losses import symmetric_infonce
+
+
+@pytest.fixture(scope="module")
+def b32():
+    torch.manual_seed(0)
+    return CLIP2Video(backbone="ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return CLIP2Video("vtr-tiny").eval()
+
+
+def _batch(b=3, t=6, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(b, t, 3, size, size, generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, -2:] = False
+    tokens = torch.zeros(b, 32, dtype=torch.long)
+    for i in range(b):
+        n = 4 + 3 * i
+        tokens[i, 0], tokens[i, n] = 49406, 49407
+        tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+    return frames, mask, tokens
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_new_parameter_count_at_vit_b32(b32):
+    # 6 copied text blocks (4 temporal, 1 difference attention, 1 actionClip) + 77 frame positions
+    # + 2 type rows + the difference LayerNorm + 2 x K=5 centres; methods.md: "~19M" (142.46M - 123.52M)
+    block = sum(p.numel() for p in b32.clip.text_blocks[0].parameters())
+    expected = 6 * block + 77 * 512 + 2 * 512 + 2 * 512 + 2 * 5 * 512
+    total = sum(p.numel() for p in b32.new_parameters())
+    assert total == expected == 18_960_896
+    assert abs(total - 19.0e6) / 19.0e6 < 0.01
+
+
+def test_blocks_and_embeddings_start_as_clip_text(b32):
+    text = b32.clip.text_blocks
+    for i, block in enumerate(b32.temporal_blocks):
+        assert _same(block, text[i])
+    assert _same(b32.tdb.difference_attention[0], text[0])
+    assert _same(b32.action_blocks[0], text[0])
+    pos = b32.clip.positional_embedding
+    assert torch.equal(b32.tdb.frame_position_embeddings.weight, pos)
+    assert torch.equal(b32.tdb.type_embedding.weight, pos[:2])
+    # copies, trained separately: no storage shared with CLIP
+    assert b32.action_blocks[0].attn.in_proj_weight.data_ptr() != text[0].attn.in_proj_weight.data_ptr()
+    assert b32.tab.centers.shape == (5, 512)
+
+
+def test_one_dot_product_is_the_mixed_score(tiny):
+    frames, mask, tokens = _batch()
+    with torch.no_grad():
+        video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
+        assert list(video) == ["embedding"] and list(text) == ["sentence"]
+        scale = tiny.logit_scale()
+        assert scale > 0
+        torch.testing.assert_close(tiny.score(text, video), scale * text.sentence @ video.embedding.T)
+        # the two branches computed separately
+        x = tiny.clip.encode_frames(frames)
+        v_glob = tiny.global_embedding(x, mask)
+        v_tab = tiny.tab(*tiny.video_alignment_tokens(x, mask))
+        sentence, words = tiny.clip.encode_text(tokens)
+        word_mask = tokens != 0
+        word_mask[:, 0] = False
+        t_glob, t_tab = F.normalize(sentence, dim=-1), tiny.tab(words, word_mask)
+        expected = 0.5 * scale * t_glob @ v_glob.T + 0.5 * scale * t_tab @ v_tab.T
+        torch.testing.assert_close(tiny.score(text, video), expected, rtol=1e-5, atol=1e-5)
+        assert video.embedding.shape == (3, 2 * tiny.clip.embed_dim)
+
+
+def test_training_loss_is_the_official_two_term_mix(tiny):
+    frames, mask, tokens = _batch()
+    with torch.no_grad():
+        video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
+        loss = tiny.contrastive_loss(text, video) + tiny.auxiliary_losses({}, text, video)["tab"]
+        (t_glob, t_tab), (v_glob, v_tab) = tiny.branches(text.sentence), tiny.branches(video.embedding)
+        scale, targets = tiny.logit_scale(), torch.arange(3)
+
+        def ce(s):
+            return symmetric_infonce(s, s.T, targets)
+
+        expected = 0.5 * ce(scale * t_glob @ v_glob.T) + 0.5 * ce(scale * t_tab @ v_tab.T)
+        torch.testing.assert_close(loss, expected)
+        mixed = tiny.score(text, video)
+        assert not torch.isclose(loss, ce(mixed))  # CE(0.5 A + 0.5 B) is another loss
+
+
+def test_frame_order_matters_unlike_mean_pooling(tiny):
+    frames, mask, _ = _batch()
+    mask[:] = True
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        a = tiny.encode_video(frames, mask).embedding
+        b = tiny.encode_video(frames[:, perm], mask).embedding
+        assert (a - b).abs().max() > 1e-4
+        torch.manual_seed(0)
+        meanp = MeanPool("vtr-tiny").eval()
+        torch.testing.assert_close(meanp.encode_video(frames, mask).embedding,
+                                   meanp.encode_video(frames[:, perm], mask).embedding)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5])
+def test_any_frame_count_including_odd(tiny, t):
+    frames, mask, _ = _batch(b=2, t=t)
+    mask[:] = True
+    with torch.no_grad():
+        emb = tiny.encode_video(frames, mask).embedding
+    assert emb.shape == (2, 2 * tiny.clip.embed_dim) and torch.isfinite(emb).all()
+
+
+@pytest.mark.parametrize(("option", "value"), [("center_weight", 1.5), ("num_centers", 0)])
+def test_bad_config_names_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        CLIP2Video("vtr-micro", **{option: value})
+
+
+def test_fit_and_test_smoke(trainer_kwargs):
+    torch.manual_seed(0)
+    model = CLIP2Video("vtr-tiny", num_frames=4)
+    data = FakeVideoText(num_videos=7, num_frames=4, size=64, batch_size=4)
+    trainer = L.Trainer(**trainer_kwargs)
+    trainer.fit(model, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "train/tab" in trainer.callback_metrics
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert 0.0 <= metrics["test/t2v_R1"] <= 100.0
