@@ -450,6 +450,43 @@ def generate(
     return root
 
 
+def still_frames(num: int, seed: int = 0, size: int = 64, difficulty: str = "easy") -> tuple[np.ndarray, list[str]]:
+    """Single frames of the benchmark's world with their static descriptions.
+
+    The material the tiny backbone is pretrained on, the way CLIP is pretrained on image-text
+    pairs: one or two objects with a colour, a shape, a size (big / small / plain) and a side
+    (left / middle / right), drawn by the same renderer as the clips. Descriptions say nothing
+    about time; the verbs of the temporal captions are only learned when fine-tuning.
+
+    Args:
+        num: Number of frames.
+        seed: Random seed (the same seed gives the same frames and descriptions).
+        size: Frame height and width in pixels.
+        difficulty: ``"easy"`` or ``"hard"`` (background, noise, distractor).
+
+    Returns:
+        ``(frames uint8 [num, size, size, 3], descriptions)``.
+    """
+    canvas = _Canvas(size, 1, difficulty)
+    rng = np.random.default_rng([seed, 7919])
+    frames = np.empty((num, size, size, 3), dtype=np.uint8)
+    descriptions = []
+    for i in range(num):
+        phrases, objects = [], []
+        for _ in range(1 + int(rng.random() < 0.4)):
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            size_word, radius = [("", canvas.radius), ("big ", canvas.big), ("small ", canvas.small)][int(rng.integers(3))]
+            x, y = canvas.position(rng)
+            third = (x - canvas.margin) / (size - 2 * canvas.margin)
+            side = "on the left" if third < 1 / 3 else "on the right" if third > 2 / 3 else "in the middle"
+            objects.append(_Object(shape, COLOURS[colour], x, y, radius))
+            phrases.append(f"{_a(size_word + colour)} {shape} {side}")
+        frames[i] = canvas.render(_Clip([objects], ()), rng)[0]
+        descriptions.append(" and ".join(phrases))
+    return frames, descriptions
+
+
 def pair_info(root: str | Path) -> dict[str, PairInfo]:
     """Each clip's partner (hard negative), kind (``static``/``temporal``) and template.
 
