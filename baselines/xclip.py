@@ -1,0 +1,238 @@
+"""X-CLIP: End-to-End Multi-grained Contrastive Learning for Video-Text Retrieval (Ma et al., ACM MM 2022).
+
+Official code: https://github.com/xuguohai/X-CLIP (``modules/modeling_xclip.py``, ``--loose_type
+--sim_header seqTransf``). Not Microsoft's video-recognition X-CLIP.
+
+X-CLIP contrasts four granularities and averages them:
+
+- video–sentence ``S_vs = σ (ŝ A_g) v̂ᵀ`` with the video vector v̂ of CLIP4Clip seqTransf;
+- video–word ``S_vw``: the similarities ⟨ŵ_ℓ, v̂⟩ aggregated over the words ℓ;
+- sentence–frame ``S_sf``: ⟨ŝ, f̂_t⟩ aggregated over the frames t (raw CLIP frame features,
+  ``use_original_clip_for_frame_features``);
+- frame–word ``S_fw``: the matrix ``M = (Ŵ A_l) F̂ᵀ`` aggregated over words then frames and over
+  frames then words, averaged;
+- ``S = (S_vs + S_vw + S_sf + S_fw) / 4``, σ the CLIP logit scale.
+
+Every aggregation is an Attention Over Similarity Matrix (AOSM): ``Σ_k s_k (softmax(s/τ) A)_k``
+with τ = 0.01 and an identity-initialised mixing matrix A (T×T or L×L), so the trained model is
+tied to ``num_frames`` and ``max_words``: other frame or token counts are refused with an error
+naming the option.
+
+The video side (v̂, F̂) never sees the text and is cached by ``encode_video``; the text side (ŝ,
+Ŵ and their projections ŝA_g, ŴA_l) once per query by ``encode_text``; ``score`` does the
+per-pair work, ≈ L·T·D + L·D + T·D + L²T + LT² MACs per (query, video) pair, as a few einsums
+over the whole gallery chunk.
+
+Differences from the official code, on purpose:
+
+- padding tokens count as words (the official code has no word mask); ``mask_padding_words``
+  removes them from every word softmax and sum. Padded frames likewise take part in the frame
+  softmaxes by default (the official code masks only the video mean);
+  ``mask_padding_frames`` removes them.
+- the shared AdamW / no-decay rule / warmup-cosine of vtr (see ``baselines/clip4clip.py``)
+  instead of BertAdam.
+
+``AttentionOverSimilarityMatrix`` and ``MultiGrainedScores`` are reused by ``baselines/glccl.py``,
+whose head is X-CLIP's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval.features import TextFeatures, VideoFeatures
+from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.temporal import TemporalTransformer, mean_pool_normalized
+
+XCLIP_OPTIM = OptimConfig(lr=1e-4, clip_lr=1e-7, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_ratio=0.1)
+
+
+def check_length(actual: int, expected: int, option: str, what: str) -> None:
+    """Refuse a frame or token count that differs from the size of the mixing matrices."""
+    if actual != expected:
+        raise ValueError(
+            f"{what} has {actual} positions but the identity-initialised mixing matrices are "
+            f"{expected}x{expected} ({option}={expected}); set {option} to match, or feed {expected}"
+        )
+
+
+class AttentionOverSimilarityMatrix(nn.Module):
+    """AOSM over one axis of a similarity tensor: ``Σ_k s_k · (softmax(s / τ) A)_k``.
+
+    Args:
+        size: length n of the aggregated axis (T frames or L words); A is n×n, initialised to I.
+        temperature: τ of the softmax.
+    """
+
+    def __init__(self, size: int, temperature: float = 0.01) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(size))  # A
+        self.temperature = temperature
+
+    def forward(self, sim: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+        """Aggregate axis ``dim`` (length n) of ``sim`` away.
+
+        Args:
+            sim: similarities, any shape with n positions along ``dim``.
+            dim: the aggregated axis; the others are batch axes.
+            mask: None, or True on the positions to keep (broadcastable to ``sim``).
+        """
+        dim = dim % sim.dim()
+        logits = sim * (1.0 / self.temperature)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = logits.softmax(dim=dim)
+        # re-mix the weights across positions: (weights A) along ``dim``, as one matmul
+        if dim == sim.dim() - 1:
+            weights = weights @ self.weight
+        else:
+            weights = (self.weight.T @ weights.flatten(dim + 1)).view(weights.shape)
+        if mask is not None:
+            weights = weights * mask
+        return (weights * sim).sum(dim=dim)
+
+
+class MultiGrainedScores(nn.Module):
+    """X-CLIP's four scores from the similarity tensors of Q queries and N videos.
+
+    Holds A_g, A_l (D×D) and the six AOSM mixing matrices, all initialised to the identity.
+
+    Args:
+        num_frames: T, the frame axis of the sentence–frame and frame–word terms.
+        num_words: L, the word axis.
+        dim: D.
+        temperature: τ of every AOSM softmax.
+    """
+
+    def __init__(self, num_frames: int, num_words: int, dim: int, temperature: float = 0.01) -> None:
+        super().__init__()
+        self.num_frames, self.num_words = num_frames, num_words
+        self.global_mat_weight = nn.Parameter(torch.eye(dim))  # A_g
+        self.local_mat_weight = nn.Parameter(torch.eye(dim))  # A_l
+        self.video_word = AttentionOverSimilarityMatrix(num_words, temperature)  # A_w
+        self.sentence_frame = AttentionOverSimilarityMatrix(num_frames, temperature)  # A_f
+        self.word_level = AttentionOverSimilarityMatrix(num_words, temperature)  # A_wm
+        self.frame_level = AttentionOverSimilarityMatrix(num_frames, temperature)  # A_fm
+        self.sentence_to_frame = AttentionOverSimilarityMatrix(num_frames, temperature)  # A_fm2
+        self.video_to_word = AttentionOverSimilarityMatrix(num_words, temperature)  # A_wm2
+
+    def text_features(self, sentence: Tensor, words: Tensor, tokens: Tensor) -> TextFeatures:
+        """Normalised ŝ, Ŵ and the query-side projections ŝA_g, ŴA_l (computed once per query).
+
+        Args:
+            sentence: ``[Q, D]`` EOT features.
+            words: ``[Q, L, D]`` token features (padding positions included).
+            tokens: ``[Q, L]`` ids; 0 marks padding.
+        """
+        check_length(tokens.shape[1], self.num_words, "max_words", "the caption tokens")
+        sentence = F.normalize(sentence, dim=-1)  # ŝ [Q, D]
+        words = F.normalize(words, dim=-1)  # Ŵ [Q, L, D]
+        return TextFeatures(
+            sentence=sentence,
+            sentence_global=sentence @ self.global_mat_weight,  # ŝA_g [Q, D]
+            words=words,
+            words_local=words @ self.local_mat_weight,  # ŴA_l [Q, L, D]
+            word_mask=tokens != 0,  # [Q, L]
+        )
+
+    def forward(
+        self,
+        video_sentence: Tensor,
+        video_word: Tensor,
+        sentence_frame: Tensor,
+        frame_word: Tensor,
+        word_mask: Tensor | None = None,
+        frame_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The four unscaled scores, stacked ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw).
+
+        The word axis comes second, where the einsums of the callers leave it (no copies).
+
+        Args:
+            video_sentence: ``[Q, N]`` ⟨ŝA_g, v̂⟩.
+            video_word: ``[Q, L, N]`` ⟨ŵ_ℓ, v̂⟩.
+            sentence_frame: ``[Q, N, T]`` ⟨ŝ, f̂_t⟩.
+            frame_word: ``[Q, L, N, T]`` ⟨ŵ_ℓA_l, f̂_t⟩.
+            word_mask: None, or ``[Q, L]`` True on the words to keep.
+            frame_mask: None, or True on the frames to keep, broadcastable to ``[Q, N, T]``.
+        """
+        words = None if word_mask is None else word_mask[:, :, None]  # [Q, L, 1]
+        frames = None if frame_mask is None else frame_mask[:, None]  # [., 1, ., T]
+        per_frame = self.word_level(frame_word, 1, None if words is None else words[..., None])  # [Q, N, T]
+        per_word = self.frame_level(frame_word, -1, frames)  # [Q, L, N]
+        fine = 0.5 * (self.sentence_to_frame(per_frame, -1, frame_mask) + self.video_to_word(per_word, 1, words))
+        return torch.stack([
+            video_sentence,
+            self.video_word(video_word, 1, words),
+            self.sentence_frame(sentence_frame, -1, frame_mask),
+            fine,
+        ])
+
+
+class XCLIP(RetrievalModule):
+    """X-CLIP with the seqTransf video encoder.
+
+    Args:
+        num_temporal_layers: depth of the seqTransf temporal transformer (4, CLIP text blocks 0-3).
+        temperature: τ of the AOSM softmaxes (0.01).
+        mask_padding_words: drop padding tokens from the word aggregations (official: kept).
+        mask_padding_frames: drop padded frames from the frame aggregations (official: kept).
+
+    Memory: a ``score`` call over Q queries and a chunk of N videos holds about
+    ``4 · Q·N_chunk·L·T · 4`` bytes (the frame–word matrix and its softmax / mixed copies, fp32),
+    plus ``O(Q·N_chunk·(L + T))``; ≈ 6 MB per 1,000 pairs at T=12, L=32.
+    """
+
+    offline = False
+
+    def __init__(
+        self,
+        backbone: str = "vtr-tiny",
+        pretrained: str | None = None,
+        num_frames: int = 12,
+        max_words: int = 32,
+        optim: OptimConfig = XCLIP_OPTIM,
+        eval_chunk_size: int = 256,
+        num_temporal_layers: int = 4,
+        temperature: float = 0.01,
+        mask_padding_words: bool = False,
+        mask_padding_frames: bool = False,
+    ) -> None:
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
+        positions = self.temporal.frame_position_embeddings.num_embeddings
+        if not 1 <= num_frames <= positions:
+            raise ValueError(f"num_frames={num_frames} must be in [1, {positions}] (the frame positions of {backbone!r})")
+        self.head = MultiGrainedScores(num_frames, max_words, self.clip.embed_dim, temperature)
+        self.mask_padding_words = mask_padding_words
+        self.mask_padding_frames = mask_padding_frames
+
+    def encode_text(self, tokens: Tensor) -> TextFeatures:
+        sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
+        return self.head.text_features(sentence, words, tokens)
+
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        self.check_frames(frames, frame_mask)
+        check_length(frames.shape[1], self.num_frames, "num_frames", "the video")
+        clip_frames = self.clip.encode_frames(frames)  # [B, T, D]
+        video = mean_pool_normalized(self.temporal(clip_frames, frame_mask), frame_mask)  # v̂ [B, D]
+        return VideoFeatures(video=video, frames=F.normalize(clip_frames, dim=-1), frame_mask=frame_mask)
+
+    def score_components(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """The four logit-scaled scores ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw)."""
+        check_length(video.frames.shape[1], self.num_frames, "num_frames", "the video features")
+        check_length(text.words.shape[1], self.max_words, "max_words", "the text features")
+        video_sentence = torch.einsum("qd,nd->qn", text.sentence_global, video.video)
+        video_word = torch.einsum("qld,nd->qln", text.words, video.video)
+        sentence_frame = torch.einsum("qd,ntd->qnt", text.sentence, video.frames)
+        frame_word = torch.einsum("qld,ntd->qlnt", text.words_local, video.frames)
+        word_mask = text.word_mask if self.mask_padding_words else None  # [Q, L]
+        frame_mask = video.frame_mask[None] if self.mask_padding_frames else None  # [1, N, T]
+        scores = self.head(video_sentence, video_word, sentence_frame, frame_word, word_mask, frame_mask)
+        return self.logit_scale() * scores
+
+    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """``S = (S_vs + S_vw + S_sf + S_fw) / 4``: ``[Q, N]`` logits."""
+        return self.score_components(text, video).mean(dim=0)

@@ -1,0 +1,95 @@
+"""CLIP4Clip tightTransf: parameters, initialisation from CLIP, the per-pair cross transformer, chunking, training."""
+
+import lightning as L
+import pytest
+import torch
+from fakes import FakeVideoText
+
+from baselines.clip4clip import TightTransf
+
+
+@pytest.fixture(scope="module")
+def vitb32():
+    return TightTransf(backbone="ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return TightTransf(backbone="vtr-micro", num_frames=4).double().eval()
+
+
+def _inputs(n_videos=7, n_texts=5, t=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(n_videos, t, 3, size, size, generator=g, dtype=torch.float64)
+    mask = torch.ones(n_videos, t, dtype=torch.bool)
+    mask[0, -1] = False
+    tokens = torch.zeros(n_texts, 32, dtype=torch.long)
+    for i in range(n_texts):
+        n = 3 + (5 * i) % 27
+        tokens[i, 0], tokens[i, n] = 49406, 49407
+        tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+    return frames, mask, tokens
+
+
+def test_new_parameters_at_vit_b32(vitb32):
+    # 4 CLIP text blocks 4 x 3,152,384 + positions 77 x 512 + pooler (LN 1,024 + Linear 262,656)
+    # + similarity_dense 513; methods.md ~12.9 M. Exact:
+    assert sum(p.numel() for p in vitb32.new_parameters()) == 12_913_153
+
+
+def test_initialised_from_clip_text_tower(vitb32):
+    cross, clip = vitb32.cross, vitb32.clip
+    assert torch.equal(cross.position_embeddings.weight, clip.positional_embedding)
+    for copy, original in zip(cross.blocks, clip.text_blocks):
+        for (name, p), q in zip(copy.named_parameters(), original.parameters()):
+            assert torch.equal(p, q) and p is not q, name
+    assert len(cross.blocks) == 4 and cross.dropout.p == 0.1
+    assert not cross.dense.bias.any() and not vitb32.similarity_dense.bias.any()
+    assert vitb32.similarity_dense.out_features == 1
+
+
+def test_score_is_the_official_cross_model_without_logit_scale(micro):
+    frames, mask, tokens = _inputs()
+    with torch.no_grad():
+        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        got = micro.score(text, video)
+        cross = micro.cross
+        for i, s in enumerate(text.sentence):  # one pair at a time, as a reader would write it
+            for j, (f, m) in enumerate(zip(video.frames, video.frame_mask)):
+                x = torch.cat([s[None], f[m]])[None] + cross.position_embeddings.weight[: 1 + int(m.sum())]
+                for block in cross.blocks:
+                    x = block(x)
+                pooled = cross.activation(cross.dense(cross.ln_pool(x[:, 0])))
+                torch.testing.assert_close(got[i, j], micro.similarity_dense(pooled)[0, 0])
+        micro.clip.logit_scale.add_(1.0)
+        torch.testing.assert_close(micro.score(text, video), got)  # no logit scale
+        micro.clip.logit_scale.sub_(1.0)
+
+
+def test_chunked_scoring_equals_unchunked(micro):
+    frames, mask, tokens = _inputs()
+    with torch.no_grad():
+        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        full = micro.score(text, video)
+        torch.testing.assert_close(micro.score_gallery(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
+        torch.testing.assert_close(micro.similarity(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
+
+
+def test_score_is_not_a_dot_product(micro):
+    """An offline method's [Q, N] matrix has rank <= D; the cross transformer's exceeds it."""
+    d = micro.clip.embed_dim
+    frames, mask, tokens = _inputs(n_videos=d + 16, n_texts=d + 16, seed=1)
+    with torch.no_grad():
+        scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
+    assert micro.offline is False
+    assert torch.linalg.matrix_rank(scores).item() > d
+
+
+def test_fit_and_test_run(trainer_kwargs):
+    model = TightTransf(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    data = FakeVideoText(num_frames=4)
+    trainer = L.Trainer(**trainer_kwargs, max_steps=2)
+    trainer.fit(model, data)
+    results = trainer.test(model, data, verbose=False)[0]
+    assert 0.0 <= results["test/t2v/R@1"] <= 100.0

@@ -1,0 +1,108 @@
+"""X-Pool (Gorti et al. 2022): parameters, identity init, the official block, chunking, training."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import FakeVideoText
+
+from baselines.xpool import XPool
+
+
+@pytest.fixture(scope="module")
+def vitb32():
+    return XPool(backbone="ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    model = XPool(backbone="vtr-micro", num_frames=4).double().eval()
+    with torch.no_grad():  # move away from the identity init so every projection matters
+        for p in model.pool_frames.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _inputs(n_videos=7, n_texts=5, t=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(n_videos, t, 3, size, size, generator=g, dtype=torch.float64)
+    mask = torch.ones(n_videos, t, dtype=torch.bool)
+    tokens = torch.zeros(n_texts, 32, dtype=torch.long)
+    for i in range(n_texts):
+        n = 3 + (5 * i) % 27
+        tokens[i, 0], tokens[i, n] = 49406, 49407
+        tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+    return frames, mask, tokens
+
+
+def test_new_parameters_at_vit_b32(vitb32):
+    # 5 Linear(512, 512) = 5 x 262,656 + 3 LayerNorms x 1,024; methods.md: ~1.32 M. Exact:
+    assert sum(p.numel() for p in vitb32.new_parameters()) == 1_316_352
+
+
+def test_projections_start_at_identity_with_zero_bias(vitb32):
+    pool = vitb32.pool_frames
+    for layer in (pool.q_proj, pool.k_proj, pool.v_proj, pool.out_proj, pool.linear_proj):
+        assert torch.equal(layer.weight, torch.eye(512)) and not layer.bias.any()
+    assert pool.dropout.p == 0.3
+    assert vitb32.optim.decay_all and vitb32.optim.lr == 3e-5 and vitb32.optim.clip_lr == 1e-6
+
+
+def test_score_matches_the_official_block(micro):
+    """Against a literal restatement of xpool's Transformer (W_o applied after pooling, not folded)."""
+    frames, mask, tokens = _inputs()
+    model, pool = micro, micro.pool_frames
+    with torch.no_grad():
+        got = model.score(model.encode_text(tokens), model.encode_video(frames, mask))
+        t, _ = model.clip.encode_text(tokens)
+        v = model.clip.encode_frames(frames)  # un-normalised CLIP frame features [N, T, D]
+        tn, vn = pool.layer_norm1(t), pool.layer_norm1(v)
+        q = pool.q_proj(tn)  # [Q, D]
+        k, val = pool.k_proj(vn), pool.v_proj(vn)  # [N, T, D]
+        attn = ((k @ q.T) / math.sqrt(q.shape[-1])).softmax(dim=1)  # [N, T, Q]
+        r = pool.out_proj((val.transpose(1, 2) @ attn).permute(0, 2, 1))  # [N, Q, D]
+        r = pool.layer_norm2(r)
+        out = pool.layer_norm3(r + pool.linear_proj(r))  # [N, Q, D]
+        expected = model.logit_scale() * torch.einsum("qd,nqd->qn", F.normalize(t, dim=-1), F.normalize(out, dim=-1))
+    torch.testing.assert_close(got, expected)
+
+
+def test_padded_frames_are_ignored(micro):
+    frames, mask, tokens = _inputs()
+    mask[0, -1] = False
+    with torch.no_grad():
+        text = micro.encode_text(tokens)
+        full = micro.score(text, micro.encode_video(frames, mask))[:, 0]
+        cut = micro.score(text, micro.encode_video(frames[:1, :3], mask[:1, :3]))[:, 0]
+    torch.testing.assert_close(full, cut)
+
+
+def test_chunked_scoring_equals_unchunked(micro):
+    frames, mask, tokens = _inputs()
+    with torch.no_grad():
+        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        full = micro.score(text, video)
+        torch.testing.assert_close(micro.score_gallery(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
+        torch.testing.assert_close(micro.similarity(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
+
+
+def test_score_is_not_a_dot_product(micro):
+    """An offline method's [Q, N] matrix has rank <= D; X-Pool's exceeds it."""
+    d = micro.clip.embed_dim
+    frames, mask, tokens = _inputs(n_videos=d + 16, n_texts=d + 16, seed=1)
+    with torch.no_grad():
+        scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
+    assert micro.offline is False
+    assert torch.linalg.matrix_rank(scores).item() > d
+
+
+def test_fit_and_test_run(trainer_kwargs):
+    model = XPool(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    data = FakeVideoText(num_frames=4)
+    trainer = L.Trainer(**trainer_kwargs, max_steps=2)
+    trainer.fit(model, data)
+    results = trainer.test(model, data, verbose=False)[0]
+    assert 0.0 <= results["test/t2v/R@1"] <= 100.0
