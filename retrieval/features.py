@@ -36,6 +36,9 @@ class Features(Mapping[str, Tensor]):
     def __init__(self, **tensors: Tensor) -> None:
         if not tensors:
             raise ValueError(f"{type(self).__name__} needs at least one tensor")
+        shadowing = [name for name in tensors if hasattr(type(self), name) or name.startswith("_")]
+        if shadowing:
+            raise ValueError(f"{type(self).__name__} field names {shadowing} clash with its methods; rename them")
         sizes = {name: t.shape[0] if t.dim() else None for name, t in tensors.items()}
         if None in sizes.values() or len(set(sizes.values())) != 1:
             raise ValueError(f"{type(self).__name__} fields must share a leading dimension, got {sizes}")

@@ -154,5 +154,7 @@ def test_features_container():
     assert torch.equal(v.repeat_to(12).embedding[5], v.embedding[0])
     with pytest.raises(ValueError, match="leading dimension"):
         TextFeatures(sentence=torch.randn(4, 3), words=torch.randn(5, 2, 3))
+    with pytest.raises(ValueError, match="clash"):
+        VideoFeatures(values=torch.randn(2, 3))
     with pytest.raises(AttributeError, match="has no field 'words'"):
         TextFeatures(sentence=torch.randn(4, 3)).words
