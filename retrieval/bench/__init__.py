@@ -1,0 +1,127 @@
+"""vtr's tools around a trained (or freshly built) method: latency, the offline index, sweeps.
+
+- :mod:`retrieval.bench.latency`: ``vtr bench latency`` (offline encode throughput and online
+  per-query latency against gallery size, beside the scorer's compute and bandwidth floors)
+  and ``vtr bench metrics`` (the metric suite's own cost);
+- :mod:`retrieval.bench.index`: ``vtr index`` (encode a split's videos once) and
+  ``vtr search`` (rank them for a typed query);
+- :mod:`retrieval.bench.sweep`: ``vtr sweep`` (a local grid of ``vtr fit`` runs).
+
+Methods are data, not code: every tool builds a method from its recipe YAML's ``model``
+section (``class_path`` + ``init_args``, the same file ``vtr fit --config`` reads), so this
+package never imports ``baselines``. The helpers below are the one way the tools do that.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import open_clip
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from torch import Tensor
+
+from retrieval.module import RetrievalModule
+
+log = logging.getLogger(__name__)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML (``experiments/model/<name>.yaml``) as a dict with a ``model`` section.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file has no ``model: {class_path, init_args}`` section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    model = recipe.get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise ValueError(f"{path} has no 'model: {{class_path: ..., init_args: ...}}' section")
+    return recipe
+
+
+def context_length(backbone: str) -> int:
+    """The text context of an open_clip model config (``vtr-tiny``: 32, CLIP: 77)."""
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        raise ValueError(f"unknown backbone {backbone!r}: no open_clip model config of that name")
+    return config["text_cfg"].get("context_length", 77)
+
+
+def build_method(
+    model_config: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    ckpt: str | Path | None = None,
+    seed: int = 0,
+) -> RetrievalModule:
+    """Instantiate a method from a recipe's ``model`` section, as ``vtr fit`` would.
+
+    Args:
+        model_config: ``{class_path, init_args}``.
+        overrides: ``init_args`` to replace, e.g. ``{"backbone": "vtr-tiny", "pretrained": None}``
+            to run a ViT-B/32 recipe on the tiny backbone. When the backbone changes and the
+            recipe's ``max_words`` exceeds the new backbone's context, ``max_words`` is lowered
+            to that context (logged).
+        ckpt: a Lightning checkpoint (or a plain state dict) whose weights are loaded strictly.
+        seed: seeds the random initialisation, so two builds without ``ckpt`` are identical.
+
+    Returns:
+        The method in eval mode on the CPU.
+    """
+    config = copy.deepcopy(model_config)
+    init_args = dict(config.get("init_args") or {})
+    init_args.update(overrides or {})
+    backbone = init_args.get("backbone")
+    if backbone is not None and init_args.get("max_words", 0) > context_length(backbone):
+        log.warning("max_words=%s exceeds %s's text context: using %s", init_args["max_words"], backbone,
+                    context_length(backbone))
+        init_args["max_words"] = context_length(backbone)
+    config["init_args"] = init_args
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(RetrievalModule, "model", required=True)
+    parsed = parser.parse_object({"model": config})
+    L.seed_everything(seed, verbose=False)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    model = instantiate(parsed).model
+    if ckpt is not None:
+        load_weights(model, ckpt)
+    return model.eval()
+
+
+def load_weights(model: RetrievalModule, ckpt: str | Path) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` (or a bare state dict) strictly.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt``.
+        ValueError: the weights do not fit the model (names the file and the first mismatches).
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {str(error)[:500]}") from None
+
+
+def weights_fingerprint(model: RetrievalModule) -> float:
+    """A cheap checksum of every parameter (tells whether two builds hold the same weights)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def tokenize(model: RetrievalModule, captions: Sequence[str]) -> Tensor:
+    """open_clip token ids ``[Q, max_words]`` of ``captions`` for ``model``'s backbone."""
+    tokenizer = open_clip.get_tokenizer(model.clip.name, context_length=model.max_words)
+    return tokenizer(list(captions))

@@ -1,0 +1,318 @@
+"""``vtr index`` and ``vtr search``: the offline stage written to a file, and queries against it.
+
+- ``vtr index --config RECIPE.yaml --ckpt CKPT|none --data DATA.yaml [key=value ...] --out index.pt``
+  builds the method from its recipe (the same ``model`` section ``vtr fit`` reads), loads the
+  checkpoint's weights, and encodes every video of a split once with ``encode_video``. The file
+  holds ``video_ids``, ``features`` (the ``VideoFeatures`` fields the method caches, whatever they
+  are: one embedding for fusion-free methods, frame or token features for text-conditioned
+  ones), ``class_path`` and ``init_args`` (to rebuild the method), the checkpoint path, the seed
+  and a weights fingerprint. An existing file is never replaced without ``--overwrite``.
+- ``vtr search --index index.pt "a red square moves left" [-k 5]`` rebuilds the method, checks
+  that its weights are the ones that built the index, encodes the query with ``encode_text`` and
+  ranks the stored gallery with ``score_gallery`` + top-k: the same three stages as training,
+  evaluation and the latency benchmark. ``--faiss`` (fusion-free methods, ``faiss-cpu``
+  installed) ranks with a flat inner-product FAISS index instead; the scores are the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import retrieval
+from retrieval.bench import build_method, read_recipe, tokenize, weights_fingerprint
+from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.features import VideoFeatures
+from retrieval.module import RetrievalModule
+
+log = logging.getLogger(__name__)
+
+SPLIT_STAGES = {"val": "validate", "test": "test"}
+
+
+# ---------------------------------------------------------------------- data
+def data_arguments(recipe: dict[str, Any], data: Sequence[str], backbone: str) -> dict[str, Any]:
+    """``VideoTextDataModule`` arguments: the recipe's ``data`` section, then each ``data`` item.
+
+    Args:
+        recipe: the method's recipe (its ``data`` section fixes frames and words).
+        data: YAML files (a LightningCLI config with a ``data:`` section, or flat keys) and
+            ``key=value`` overrides (values parsed as YAML), applied in order.
+        backbone: the method's backbone: it always sets the data's image size and tokenizer.
+    """
+    args: dict[str, Any] = dict(recipe.get("data") or {})
+    for item in data:
+        if "=" in item and not Path(item).is_file():
+            key, value = item.split("=", 1)
+            args[key.removeprefix("data.")] = yaml.safe_load(value)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {item!r} is neither a YAML file nor key=value")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        args.update(loaded.get("data", loaded) if isinstance(loaded, dict) else {})
+    if args.get("backbone", backbone) != backbone:
+        log.warning("data backbone %r replaced by the method's %r (image size, tokenizer)", args["backbone"], backbone)
+    return {**args, "backbone": backbone}
+
+
+def make_datamodule(args: dict[str, Any]) -> VideoTextDataModule:
+    """``VideoTextDataModule(**args)`` with a clear error for an unknown option."""
+    try:
+        return VideoTextDataModule(**args)
+    except TypeError as error:
+        raise ValueError(f"bad --data option: {error}") from None
+
+
+def encode_split(model: RetrievalModule, datamodule: VideoTextDataModule, split: str,
+                 device: str = "cpu") -> tuple[list[str], VideoFeatures]:
+    """Encode every video of ``split`` once (the offline stage), in dataset order.
+
+    Returns:
+        ``(video_ids, features)`` with ``features`` on the CPU.
+    """
+    if split not in SPLIT_STAGES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_STAGES)}; got {split!r}")
+    datamodule.prepare_data()
+    datamodule.setup(SPLIT_STAGES[split])
+    loaders = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    model = model.to(device).eval()
+    indices, parts = [], []
+    with torch.inference_mode():
+        for batch in loaders[0]:
+            parts.append(model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device)).to("cpu"))
+            indices.append(batch["video_index"])
+    order = torch.cat(indices).argsort()
+    records = datamodule.records(split)
+    return [records[i].video_id for i in torch.cat(indices)[order].tolist()], VideoFeatures.cat(parts)[order]
+
+
+# ---------------------------------------------------------------------- index
+def _plain(value: Any) -> Any:
+    """Hyperparameters as YAML-able values (dataclasses such as ``OptimConfig`` become dicts)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def model_config(model: RetrievalModule) -> dict[str, Any]:
+    """``{class_path, init_args}`` that rebuilds ``model``'s architecture."""
+    cls = type(model)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {k: _plain(v) for k, v in model.hparams.items()}}
+
+
+def build_index(
+    config: str | Path,
+    out: str | Path,
+    ckpt: str | None = None,
+    data: Sequence[str] = (),
+    split: str = "test",
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
+    """``vtr index``: encode a split's videos once and save them with what rebuilds the method.
+
+    Args:
+        config: the method's recipe YAML.
+        out: the index file to write.
+        ckpt: Lightning checkpoint, or None for the recipe's weights (random or pretrained).
+        data: ``--data`` items (see :func:`data_arguments`).
+        split: ``val`` or ``test``.
+        overrides: replaced ``init_args`` (e.g. ``backbone``, ``pretrained``).
+        overwrite: replace an existing ``out``.
+        device: where to encode.
+        seed: seeds the initialisation (reproducible random weights without ``ckpt``).
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False (checked before any work).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    recipe = read_recipe(config)
+    model = build_method(recipe["model"], overrides, ckpt, seed)
+    datamodule = make_datamodule(data_arguments(recipe, data, model.clip.name))
+    video_ids, features = encode_split(model, datamodule, split, device)
+    payload = {
+        "video_ids": video_ids,
+        "features": features.as_dict(),
+        **model_config(model),
+        "ckpt": None if ckpt is None else str(ckpt),
+        "seed": seed,
+        "fingerprint": weights_fingerprint(model),
+        "offline": bool(model.offline),
+        "split": split,
+        "vtr": retrieval.__version__,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    log.info("indexed %d %s videos of %s into %s", len(video_ids), split, config, out)
+    return out
+
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    """An index written by :func:`build_index`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index {path} does not exist (build it with `vtr index`)")
+    index = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(index, dict) or not {"video_ids", "features", "class_path", "init_args"} <= set(index):
+        raise ValueError(f"{path} is not a vtr index")
+    return index
+
+
+# ---------------------------------------------------------------------- search
+_FROM_INDEX = "index"
+
+
+def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -> RetrievalModule:
+    """Rebuild the method that wrote ``index`` and check it holds the same weights.
+
+    Args:
+        index: a loaded index.
+        ckpt: the checkpoint to load; by default the one recorded in the index.
+
+    Raises:
+        ValueError: the rebuilt weights differ from the index's (another checkpoint).
+    """
+    ckpt = index["ckpt"] if ckpt == _FROM_INDEX else ckpt
+    config = {"class_path": index["class_path"], "init_args": index["init_args"]}
+    model = build_method(config, ckpt=ckpt, seed=index["seed"])
+    expected, got = index["fingerprint"], weights_fingerprint(model)
+    if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
+        raise ValueError(f"the method rebuilt with ckpt={ckpt!r} does not hold the weights that built the index "
+                         f"(fingerprint {got:.6g} vs {expected:.6g}); pass the index's --ckpt ({index['ckpt']!r})")
+    return model
+
+
+def search(
+    index: dict[str, Any],
+    queries: Sequence[str],
+    k: int = 5,
+    model: RetrievalModule | None = None,
+    use_faiss: bool = False,
+    device: str = "cpu",
+) -> list[list[tuple[str, float]]]:
+    """Rank the indexed videos for each query.
+
+    Args:
+        index: a loaded index.
+        queries: free-text queries.
+        k: results per query (clamped at the gallery size).
+        model: the indexed method (default: :func:`load_indexed_method`).
+        use_faiss: rank with a FAISS flat inner-product index (fusion-free methods only).
+        device: where to score.
+
+    Returns:
+        Per query, ``k`` pairs ``(video_id, score)`` best first; scores are ``score`` logits.
+    """
+    model = (model or load_indexed_method(index)).to(device).eval()
+    gallery = VideoFeatures(**index["features"]).to(device)
+    k = min(k, len(gallery))
+    with torch.inference_mode():
+        text = model.encode_text(tokenize(model, queries).to(device))
+        if use_faiss:
+            scores, ids = _faiss_topk(model, text.sentence, gallery, k)
+        else:
+            scores, ids = model.score_gallery(text, gallery).topk(k, dim=1)
+    names = index["video_ids"]
+    return [[(names[i], float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())] for row_s, row_i in zip(scores, ids)]
+
+
+def _faiss_topk(model: RetrievalModule, sentence: torch.Tensor, gallery: VideoFeatures,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by a FAISS ``IndexFlatIP`` over the fusion-free embeddings, scaled to logits."""
+    if not model.offline:
+        raise ValueError(f"--faiss needs a fusion-free method; {type(model).__name__} is text-conditioned")
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("--faiss needs faiss: pip install faiss-cpu") from None
+    embedding = gallery.embedding.float().cpu().numpy()
+    flat = faiss.IndexFlatIP(embedding.shape[1])
+    flat.add(embedding)
+    scores, ids = flat.search(sentence.float().cpu().numpy(), k)
+    return model.logit_scale().float().cpu() * torch.from_numpy(scores), torch.from_numpy(ids).long()
+
+
+# ---------------------------------------------------------------------- command line
+def _overrides(backbone: str | None, pretrained: str, ckpt: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if backbone:
+        out["backbone"] = backbone
+    if pretrained == "recipe":
+        if ckpt is not None:
+            out["pretrained"] = None  # the checkpoint's weights replace them: no download
+    else:
+        out["pretrained"] = None if pretrained.lower() == "none" else pretrained
+    return out
+
+
+def _ckpt(value: str | None) -> str | None:
+    return None if value is None or value.lower() == "none" else value
+
+
+def build_parser(tool: str) -> argparse.ArgumentParser:
+    if tool == "index":
+        parser = argparse.ArgumentParser(prog="vtr index", description="Encode a split's videos once (offline).",
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.add_argument("--config", required=True, type=Path, help="method recipe YAML (experiments/model/)")
+        parser.add_argument("--ckpt", default=None, help="Lightning checkpoint, or 'none' for the recipe's weights")
+        parser.add_argument("--data", nargs="*", default=[],
+                            help="data YAML files and key=value options of VideoTextDataModule, in order")
+        parser.add_argument("--split", choices=sorted(SPLIT_STAGES), default="test")
+        parser.add_argument("--out", required=True, type=Path, help="index file (.pt)")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        parser.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
+        parser.add_argument("--pretrained", default="recipe",
+                            help="'recipe' (none when --ckpt is given), 'none', or a tag/path")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+        return parser
+    parser = argparse.ArgumentParser(prog="vtr search", description="Rank indexed videos for text queries.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("query", nargs="+", help="one or more queries")
+    parser.add_argument("--index", required=True, type=Path)
+    parser.add_argument("--ckpt", default=_FROM_INDEX, help="checkpoint (default: the one that built the index)")
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--faiss", action="store_true", help="FAISS flat inner product (fusion-free methods)")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    """``vtr index ...`` / ``vtr search ...`` (``argv[0]`` is the tool name)."""
+    tool, args = argv[0], build_parser(argv[0]).parse_args(list(argv[1:]))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _run(tool, args)
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(f"vtr {tool}: {error}") from None
+
+
+def _run(tool: str, args: argparse.Namespace) -> None:
+    if tool == "index":
+        ckpt = _ckpt(args.ckpt)
+        out = build_index(args.config, args.out, ckpt, args.data, args.split,
+                          _overrides(args.backbone, args.pretrained, ckpt), args.overwrite, args.device, args.seed)
+        print(f"wrote {out}")
+        return
+    index = load_index(args.index)
+    ckpt = args.ckpt if args.ckpt == _FROM_INDEX else _ckpt(args.ckpt)
+    model = load_indexed_method(index, ckpt)
+    for query, hits in zip(args.query, search(index, args.query, args.k, model, args.faiss, args.device)):
+        print(f"{query!r} ({index['class_path'].rsplit('.', 1)[-1]}, {len(index['video_ids'])} videos)")
+        for rank, (video_id, score) in enumerate(hits, 1):
+            print(f"  {rank:>3}  {video_id:<24} {score:9.4f}")

@@ -1,0 +1,208 @@
+"""The timing primitives, floors, result files and ``vtr bench`` / ``vtr sweep`` commands."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import retrieval
+from baselines.clip4clip import MeanPool
+from retrieval.bench import build_method, read_recipe, sweep, tokenize
+from retrieval.bench.latency import (
+    CAPTIONS,
+    LiveTensorBytes,
+    encode_videos,
+    gallery_from,
+    merge_rows,
+    result_filename,
+    scorer_floor,
+    time_offline,
+    time_online,
+)
+from retrieval.bench.latency import main as bench_main
+from retrieval.features import TextFeatures, VideoFeatures
+
+ROOT = Path(__file__).resolve().parents[1]
+MEANPOOL = ROOT / "experiments/model/meanpool.yaml"
+MICRO = {"backbone": "vtr-micro", "pretrained": None}
+T = 4
+
+
+class FrameMaxScorer(MeanPool):
+    """A text-conditioned test double: a query scores a video by its best frame (T*D MACs per pair)."""
+
+    offline = False
+
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        x = self.frame_features(frames, frame_mask)  # [B, T, D]
+        return VideoFeatures(frames=x / x.norm(dim=-1, keepdim=True))
+
+    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        per_frame = torch.einsum("qd,ntd->qnt", text.sentence, video.frames)  # [Q, N, T]
+        return self.logit_scale() * per_frame.amax(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_method(read_recipe(MEANPOOL)["model"], MICRO)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    frames = torch.randn(6, T, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return frames, torch.ones(6, T, dtype=torch.bool)
+
+
+@pytest.fixture(scope="module")
+def features(model, frames):
+    return encode_videos(model, *frames, batch_size=4)
+
+
+def test_time_online_reports_positive_ordered_times(model, features):
+    tokens = tokenize(model, CAPTIONS)
+    result = time_online(model, tokens, gallery_from(model, features, 50), batch_size=3, k=5, repeats=4, warmup=1,
+                         chunk_size=16)
+    assert result["repeats"] == 4
+    assert 0 < result["ms_per_query_p10"] <= result["ms_per_query_median"] <= result["ms_per_query_p90"]
+    assert result["text_ms"] > 0 and result["score_ms"] > 0
+    assert result["mem_method"] == "cpu_live_tensor_peak" and result["peak_mem_mb"] > 0
+
+
+def test_time_online_budget_cuts_repeats_to_three(model, features):
+    result = time_online(model, tokenize(model, CAPTIONS), features, batch_size=1, repeats=50, warmup=1,
+                         max_seconds=1e-9)
+    assert result["repeats"] == 3
+
+
+def test_time_offline(model, frames):
+    result = time_offline(model, *frames, batch_size=4, repeats=2)
+    assert result["ms_per_video"] > 0
+    assert result["videos_per_s"] == pytest.approx(1e3 / result["ms_per_video"])
+
+
+def test_live_tensor_bytes_counts_allocations_and_frees():
+    with LiveTensorBytes() as counter:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 4000 more
+        a.mul_(3)  # in place: nothing new
+        del a, b
+    assert counter.peak == 8000
+    assert counter.live == 0
+
+
+def test_fusion_free_floor_counts_exactly_d_macs_per_pair(model, features):
+    text = model.encode_text(tokenize(model, CAPTIONS[:2]))
+    floor = scorer_floor(model, text, features[:5])
+    d = model.clip.embed_dim
+    assert floor.macs_per_pair == d
+    assert floor.bytes_per_video == d * 4
+    assert floor.fusion_free and floor.matmul_gflops > 0 and floor.bandwidth_gbs > 0
+    assert floor.compute_ms(2000) == pytest.approx(2 * floor.compute_ms(1000))
+    assert floor.bandwidth_ms(1000, 64) == pytest.approx(floor.bandwidth_ms(1000) / 64)
+
+
+def test_text_conditioned_floor_counts_einsum_macs():
+    scorer = build_method({"class_path": f"{__name__}.FrameMaxScorer", "init_args": MICRO})
+    video = scorer.encode_video(torch.randn(3, T, 3, 32, 32), torch.ones(3, T, dtype=torch.bool))
+    floor = scorer_floor(scorer, scorer.encode_text(tokenize(scorer, CAPTIONS[:1])), video)
+    assert floor.macs_per_pair == T * scorer.clip.embed_dim
+    assert not floor.fusion_free and floor.bandwidth_ms(1000) is None
+
+
+def test_gallery_from_tiles_cyclically_and_refuses_absurd_sizes(model, features):
+    gallery = gallery_from(model, features, 14)
+    assert len(gallery) == 14
+    assert torch.equal(gallery.embedding, features.embedding[torch.arange(14) % len(features)])
+    with pytest.raises(MemoryError, match="GiB"):
+        gallery_from(model, features, 10**13)
+
+
+def test_result_filename_records_device_threads_dtype_and_versions():
+    name = result_filename("latency", torch.device("cpu"), "fp32", 1)
+    torch_version = torch.__version__.split("+")[0]
+    assert name.startswith("latency_cpu-") and "-1t_fp32_" in name
+    assert name.endswith(f"_torch{torch_version}_vtr{retrieval.__version__}.csv")
+
+
+def test_merge_rows_replaces_rows_with_the_same_key(tmp_path):
+    path = tmp_path / "r.csv"
+    key = {"method": "m", "backbone": "b", "device": "cpu", "dtype": "fp32", "threads": 1, "batch": 1}
+    merge_rows(path, [{**key, "gallery": 10, "ms_per_query_median": 1.0}, {**key, "gallery": 20}])
+    rows = merge_rows(path, [{**key, "gallery": 10, "ms_per_query_median": 2.0}])
+    assert len(rows) == 2
+    assert [r["ms_per_query_median"] for r in rows if str(r["gallery"]) == "10"] == [2.0]
+
+
+def test_bench_latency_command_writes_csv_and_plot(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        bench_main(["bench", "latency", "--config", str(MEANPOOL), "--backbone", "vtr-micro", "--gallery", "20", "40",
+                    str(10**13), "--batch", "1", "2", "--repeats", "2", "--warmup", "1", "--real-videos", "4",
+                    "--offline-batch", "2", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = tmp_path.glob("latency_*.csv")
+    assert path.with_suffix(".png").is_file()
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    timed = [r for r in rows if r["gallery"] != str(10**13)]
+    assert all(float(r["ms_per_query_median"]) > 0 and float(r["bw_floor_ms"]) > 0 for r in timed)
+    assert all(r["macs_per_pair"] == "64" and r["fusion_free"] == "True" and r["threads"] == "1" for r in timed)
+    skipped = [r for r in rows if r["gallery"] == str(10**13)]
+    assert all(r["note"].startswith("skipped") and r["ms_per_query_median"] == "" for r in skipped)
+
+
+def test_bench_metrics_command_appends(tmp_path, capsys):
+    for _ in range(2):
+        bench_main(["bench", "metrics", "--n", "200", "--repeats", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("metrics_*.csv")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and float(rows[0]["seconds_median"]) > 0
+    assert "200x200" in capsys.readouterr().out
+
+
+def _grid(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_sweep_dry_run_expands_a_2x2_grid(tmp_path, capsys):
+    grid = _grid(tmp_path, f"""
+configs: [{MEANPOOL}]
+args: {{model.init_args.backbone: vtr-tiny}}
+grid:
+  model.init_args.optim.lr: [1.0e-4, 3.0e-4]
+  trainer.max_epochs: [1, 2]
+""")
+    sweep.main(["sweep", "--grid", str(grid), "--dry-run", "--trainer.fast_dev_run=true"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    assert all(f"retrieval.cli fit --config {MEANPOOL} --model.init_args.backbone=vtr-tiny" in line for line in lines)
+    assert all(line.endswith("--trainer.fast_dev_run=true") for line in lines)
+    assert "--model.init_args.optim.lr=0.0003 --trainer.max_epochs=1" in lines[2]
+
+
+def test_sweep_rejects_bad_grid_files(tmp_path):
+    with pytest.raises(SystemExit, match="unknown keys"):
+        sweep.main(["sweep", "--grid", str(_grid(tmp_path, "grids: {}\n")), "--dry-run"])
+    with pytest.raises(SystemExit, match="non-empty list"):
+        sweep.main(["sweep", "--grid", str(_grid(tmp_path, "grid: {trainer.max_epochs: 3}\n")), "--dry-run"])
+
+
+def test_committed_sweep_files_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    local = sweep.read_grid(ROOT / "experiments/sweeps/grid_seqtransf.yaml")
+    assert len(sweep.expand(local)) == 4
+    wandb = read_yaml(ROOT / "experiments/sweeps/wandb_seqtransf.yaml")
+    assert wandb["command"][:2] == ["vtr", "fit"] and wandb["command"][-1] == "${args}"
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
