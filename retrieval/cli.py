@@ -57,12 +57,11 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vtr`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        module = importlib.import_module(TOOLS[argv[0]])
-        module.main(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        importlib.import_module(TOOLS[args[0]]).main(args)
         return
-    lightning_main(argv)
+    lightning_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

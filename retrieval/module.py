@@ -154,8 +154,11 @@ class RetrievalModule(L.LightningModule):
         """``score`` of a few queries over a gallery, in gallery chunks: ``[q, N]``.
 
         Text-conditioned scorers build per-pair tensors, so chunking the gallery bounds their
-        memory by the chunk, whatever N is.
+        memory by the chunk, whatever N is. A fusion-free score is one ``[q, N]`` product and is
+        not chunked unless ``chunk_size`` is given.
         """
+        if self.offline and chunk_size is None:  # one [Q, D] x [D, N] product reads the gallery once
+            return self.score(text, video)
         chunk = chunk_size or self.eval_chunk_size
         return torch.cat([self.score(text, part) for _, part in video.chunks(chunk)], dim=1)
 
