@@ -175,3 +175,15 @@ def test_skip_policy_drops_and_logs_bad_videos(tmp_path, caplog):
     dm.setup("validate")
     with pytest.raises(VideoDecodeError, match="video25"):
         list(dm.val_dataloader()[0])
+
+
+@pytest.mark.parametrize("frames, segments", [(8, None), (12, 6)])
+def test_frame_cache_gives_the_same_frames_as_decoding(root, frames, segments):
+    plain = _datamodule(root, num_frames=frames, frame_segments=segments)
+    cached = _datamodule(root, num_frames=frames, frame_segments=segments, cache_frames=True)
+    for dm in (plain, cached):
+        dm.setup("fit")
+    loader = cached.val_dataloader()[0]
+    for a, b in zip(plain.val_dataloader()[0], loader):
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["frame_mask"], b["frame_mask"])
+    assert len(loader.dataset.load.cache) == cached.num_eval_videos("val")  # each video decoded once

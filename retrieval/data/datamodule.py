@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from retrieval.data import synthetic
 from retrieval.data.formats import READERS, VideoRecord, read_split, resolve_video_path
-from retrieval.data.video import SAMPLING_MODES, VideoDecodeError, read_frames, sample_indices
+from retrieval.data.video import SAMPLING_MODES, VideoDecodeError, pad_frames, read_frames, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,28 @@ class SplitData:
 
 
 class _VideoLoader:
-    """Decodes and transforms one record's frames (shared by the train and eval datasets)."""
+    """Decodes and transforms one record's frames (shared by the train and eval datasets).
 
-    def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform) -> None:
+    With ``cache``, every frame of a video is decoded the first time it is read and kept (in
+    the process that reads it: the main process, or each persistent worker); later reads
+    sample from memory with the same sampler.
+    """
+
+    def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform,
+                 cache: bool = False) -> None:
         self.num_frames, self.mode, self.segments, self.transform = num_frames, mode, segments, transform
+        self.cache: dict[str, np.ndarray] | None = {} if cache else None
 
     def __call__(self, record: VideoRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments,
-                                   video_id=record.video_id)
+        if self.cache is None:
+            frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments,
+                                       video_id=record.video_id)
+        else:
+            if record.video_id not in self.cache:
+                self.cache[record.video_id] = read_frames(record.path, None, video_id=record.video_id)[0]
+            video = self.cache[record.video_id]
+            frames, mask = pad_frames(video[sample_indices(len(video), self.num_frames, self.mode, self.segments)],
+                                      self.num_frames)
         return self.transform(frames, mask), torch.from_numpy(mask)
 
 
@@ -291,6 +305,9 @@ class VideoTextDataModule(LightningDataModule):
             setup.
         pair_batches: Synthetic only (ignored elsewhere): keep both clips of a pair in the
             same training batch, so the partner is an in-batch hard negative.
+        cache_frames: Decode every frame of each video once and keep it in memory, then
+            sample from memory (small datasets such as the synthetic default: 4,000 clips of
+            16 64x64 frames are 0.8 GB). Each process (main or persistent worker) keeps its own.
         synthetic_num_train: Synthetic training clips.
         synthetic_num_val: Synthetic validation clips.
         synthetic_num_test: Synthetic test clips.
@@ -316,6 +333,7 @@ class VideoTextDataModule(LightningDataModule):
         train_sampling: str = "random",
         on_bad_video: str = "error",
         pair_batches: bool = True,
+        cache_frames: bool = False,
         synthetic_num_train: int = 4000,
         synthetic_num_val: int = 400,
         synthetic_num_test: int = 400,
@@ -490,7 +508,7 @@ class VideoTextDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         load = _VideoLoader(self.hparams.num_frames, self.hparams.train_sampling,
-                            self.hparams.frame_segments, self.transform)
+                            self.hparams.frame_segments, self.transform, self.hparams.cache_frames)
         dataset = TrainDataset(self._split("train"), load, self.tokenizer)
         workers = self.hparams.num_workers
         if self.pair_batches:
@@ -503,7 +521,8 @@ class VideoTextDataModule(LightningDataModule):
 
     def _eval_dataloaders(self, split: str) -> list[DataLoader]:
         data = self._split(split)
-        load = _VideoLoader(self.eval_num_frames, "uniform", self.hparams.frame_segments, self.transform)
+        load = _VideoLoader(self.eval_num_frames, "uniform", self.hparams.frame_segments, self.transform,
+                            self.hparams.cache_frames)
         size = self.hparams.eval_batch_size
         return [
             self._loader(VideoDataset(data, load), self.hparams.num_workers, batch_size=size),

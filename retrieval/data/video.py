@@ -102,7 +102,7 @@ def sample_indices(
 
 def read_frames(
     path: str | os.PathLike,
-    num_frames: int,
+    num_frames: int | None,
     mode: str = "uniform",
     segments: int | None = None,
     *,
@@ -116,7 +116,8 @@ def read_frames(
 
     Args:
         path: Video file.
-        num_frames: Number of output frames ``T``.
+        num_frames: Number of output frames ``T``; ``None`` decodes every frame of the video
+            (what ``VideoTextDataModule(cache_frames=True)`` keeps in memory).
         mode: ``"uniform"`` or ``"random"`` (see ``sample_indices``).
         segments: Segments of the sampler (see ``sample_indices``).
         video_id: Dataset id, quoted in error messages. Defaults to the file stem.
@@ -142,7 +143,14 @@ def read_frames(
         raise fail("file not found")
     if path.stat().st_size == 0:
         raise fail("file is empty (0 bytes)")
-    sample_indices(num_frames, num_frames, mode, segments)  # argument errors stay ValueErrors
+    if num_frames is not None:
+        sample_indices(num_frames, num_frames, mode, segments)  # argument errors stay ValueErrors
+
+    def pick(available: int) -> np.ndarray:
+        if num_frames is None:
+            return np.arange(available)
+        return sample_indices(available, num_frames, mode, segments, generator=generator)
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -153,22 +161,27 @@ def read_frames(
             stream.thread_count = 1 if in_worker else min(MAX_DECODE_THREADS, os.cpu_count() or 1)
             count = stream.frames
             if 0 < count <= SEQUENTIAL_MAX_FRAMES:
-                index = sample_indices(count, num_frames, mode, segments, generator=generator)
+                index = pick(count)
                 frames = _decode_sequential(container, stream, index, count, fail)
             else:
                 frame_pts, keyframe_pts = _scan_timestamps(container, stream)
                 if not frame_pts:
                     raise fail("the container holds no video packets")
-                index = sample_indices(len(frame_pts), num_frames, mode, segments, generator=generator)
+                index = pick(len(frame_pts))
                 frames = _decode_seeking(container, stream, index, frame_pts, keyframe_pts, fail)
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as error:
         raise fail(f"cannot decode: {error}") from error
+    return pad_frames(np.stack(frames), len(frames) if num_frames is None else num_frames)
+
+
+def pad_frames(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad ``[n, H, W, 3]`` frames to ``num_frames`` (n <= num_frames); the mask marks the real ones."""
     mask = np.zeros(num_frames, dtype=bool)
     mask[: len(frames)] = True
-    out = np.zeros((num_frames, *frames[0].shape), dtype=np.uint8)
-    out[: len(frames)] = np.stack(frames)
+    out = np.zeros((num_frames, *frames.shape[1:]), dtype=np.uint8)
+    out[: len(frames)] = frames
     return out, mask
 
 
