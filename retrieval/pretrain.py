@@ -15,6 +15,7 @@ built with; a cache entry with other parameters is never reused or overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -50,8 +51,15 @@ class PretrainConfig:
     format_version: int = 1
 
 
+def _architecture_hash(backbone: str) -> str:
+    """Short hash of the open_clip config, so a changed architecture never reuses old weights."""
+    config = json.dumps(open_clip.get_model_config(backbone), sort_keys=True)
+    return hashlib.sha256(config.encode()).hexdigest()[:8]
+
+
 def _cache_path(config: PretrainConfig, cache_dir: Path) -> Path:
-    key = f"{config.backbone}-synthetic-{config.difficulty}-s{config.steps}-b{config.batch_size}-seed{config.seed}"
+    key = (f"{config.backbone}-{_architecture_hash(config.backbone)}-synthetic-{config.difficulty}"
+           f"-s{config.steps}-b{config.batch_size}-seed{config.seed}")
     return cache_dir / "backbones" / f"{key}.pt"
 
 
@@ -113,4 +121,4 @@ def _train(config: PretrainConfig, progress: bool) -> tuple[dict[str, torch.Tens
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
-    return model.state_dict(), float(loss)
+    return model.state_dict(), loss.item()

@@ -28,7 +28,7 @@ def test_text_and_images_match_open_clip_at_full_context():
     clip.load_state_dict(sd)
     tokens = _tokens(["a red square moves left", "two circles"])
     sentence, words = backbone.eval().encode_text(tokens)
-    assert words.shape == (2, 32, 128)
+    assert words.shape == (2, 32, 64)
     torch.testing.assert_close(sentence, clip.eval().encode_text(tokens), rtol=1e-5, atol=1e-5)
     images = torch.randn(3, 3, 64, 64)
     torch.testing.assert_close(backbone.encode_images(images), clip.encode_image(images), rtol=1e-5, atol=1e-5)
@@ -47,7 +47,7 @@ def test_short_context_is_causal_and_sliced(tiny):
 def test_frames_fold_batch_and_time(tiny):
     frames = torch.randn(2, 3, 3, 64, 64)
     out = tiny.encode_frames(frames)
-    assert out.shape == (2, 3, 128)
+    assert out.shape == (2, 3, 64)
     torch.testing.assert_close(out[1, 2], tiny.encode_images(frames[1, 2:3])[0], rtol=1e-5, atol=1e-5)
 
 
