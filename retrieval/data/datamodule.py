@@ -112,27 +112,39 @@ class SplitData:
 class _VideoLoader:
     """Decodes and transforms one record's frames (shared by the train and eval datasets).
 
-    With ``cache``, every frame of a video is decoded the first time it is read and kept (in
-    the process that reads it: the main process, or each persistent worker); later reads
-    sample from memory with the same sampler.
+    With ``cache``, every frame of a video is decoded the first time it is read and kept in
+    :data:`FRAME_CACHE` (one per process: the main process, or each persistent worker; shared
+    by every loader and DataModule of that process, so ``vtr compare`` decodes each clip once
+    for all methods); later reads sample from memory with the same sampler.
     """
 
     def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform,
                  cache: bool = False) -> None:
         self.num_frames, self.mode, self.segments, self.transform = num_frames, mode, segments, transform
-        self.cache: dict[str, np.ndarray] | None = {} if cache else None
+        self.cache = cache
 
     def __call__(self, record: VideoRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is None:
+        if not self.cache:
             frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments,
                                        video_id=record.video_id)
         else:
-            if record.video_id not in self.cache:
-                self.cache[record.video_id] = read_frames(record.path, None, video_id=record.video_id)[0]
-            video = self.cache[record.video_id]
+            video = cached_video(record)
             frames, mask = pad_frames(video[sample_indices(len(video), self.num_frames, self.mode, self.segments)],
                                       self.num_frames)
         return self.transform(frames, mask), torch.from_numpy(mask)
+
+
+FRAME_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+"""Every decoded frame of the videos read with ``cache_frames``, keyed by (path, size, mtime)."""
+
+
+def cached_video(record: VideoRecord) -> np.ndarray:
+    """All frames ``[n, H, W, 3]`` of a video, decoded on first use (a changed file is decoded again)."""
+    stat = Path(record.path).stat()
+    key = (str(record.path), stat.st_size, stat.st_mtime_ns)
+    if key not in FRAME_CACHE:
+        FRAME_CACHE[key] = read_frames(record.path, None, video_id=record.video_id)[0]
+    return FRAME_CACHE[key]
 
 
 class TrainDataset(Dataset):
@@ -307,7 +319,8 @@ class VideoTextDataModule(LightningDataModule):
             same training batch, so the partner is an in-batch hard negative.
         cache_frames: Decode every frame of each video once and keep it in memory, then
             sample from memory (small datasets such as the synthetic default: 4,000 clips of
-            16 64x64 frames are 0.8 GB). Each process (main or persistent worker) keeps its own.
+            16 64x64 frames are 0.8 GB). Each process (main or persistent worker) keeps one
+            cache, shared by all its DataModules.
         synthetic_num_train: Synthetic training clips.
         synthetic_num_val: Synthetic validation clips.
         synthetic_num_test: Synthetic test clips.
