@@ -76,8 +76,8 @@ class Preset:
     num_val: int = 400
     num_test: int = 400
     pretrain: PretrainConfig = PretrainConfig()
-    steps: int = 250
-    val_every: int = 125
+    steps: int = 300
+    val_every: int = 100
     batch_size: int = 64
     num_frames: int = 8
     train_sampling: str = "uniform"
