@@ -7,6 +7,30 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
+SOT, EOT = 49406, 49407  # open_clip's start and end of text
+
+
+def random_tokens(n: int, max_words: int = 32, generator: torch.Generator | None = None,
+                  lengths: list[int] | None = None) -> torch.Tensor:
+    """``[n, max_words]`` token ids shaped like real captions: SOT, random words, EOT, 0-padding."""
+    lengths = lengths or [3 + (5 * i) % (max_words - 5) for i in range(n)]
+    tokens = torch.zeros(n, max_words, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        tokens[i, 0], tokens[i, length] = SOT, EOT
+        tokens[i, 1:length] = torch.randint(1, 49000, (length - 1,), generator=generator)
+    return tokens
+
+
+def random_videos(n: int, t: int, size: int, generator: torch.Generator | None = None,
+                  dtype: torch.dtype = torch.float32, padded: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random normalised frames ``[n, t, 3, size, size]`` and a mask whose first video has ``padded`` padding frames."""
+    frames = torch.randn(n, t, 3, size, size, generator=generator, dtype=dtype)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    if padded:
+        mask[0, -padded:] = False
+    return frames, mask
+
+
 class _Rows(Dataset):
     def __init__(self, **columns: torch.Tensor) -> None:
         self.columns = columns
@@ -25,19 +49,10 @@ class FakeVideoText(L.LightningDataModule):
                  batch_size: int = 4, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.frames = torch.randn(num_videos, num_frames, 3, size, size, generator=g)
-        self.frame_mask = torch.ones(num_videos, num_frames, dtype=torch.bool)
-        self.frame_mask[0, -1] = False
+        self.frames, self.frame_mask = random_videos(num_videos, num_frames, size, g, padded=1)
         caps_per_video = torch.randint(1, 4, (num_videos,), generator=g)
         self.caption_video = torch.repeat_interleave(torch.arange(num_videos), caps_per_video)
-        n_caps = len(self.caption_video)
-        tokens = torch.zeros(n_caps, max_words, dtype=torch.long)
-        lengths = torch.randint(3, max_words - 2, (n_caps,), generator=g)
-        for i, n in enumerate(lengths.tolist()):
-            tokens[i, 0] = 49406
-            tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-            tokens[i, n] = 49407
-        self.tokens = tokens
+        self.tokens = random_tokens(len(self.caption_video), max_words, g)
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:

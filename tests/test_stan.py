@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import FakeVideoText
+from fakes import FakeVideoText, random_tokens, random_videos
 
 from baselines.clip4clip import MeanPool
 from baselines.stan import STAN
@@ -24,15 +24,8 @@ def tiny():
 
 def _batch(b=3, t=5, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    frames = torch.randn(b, t, 3, size, size, generator=g)
-    mask = torch.ones(b, t, dtype=torch.bool)
-    mask[0, -2:] = False
-    tokens = torch.zeros(b, 32, dtype=torch.long)
-    for i in range(b):
-        n = 4 + 3 * i
-        tokens[i, 0], tokens[i, n] = 49406, 49407
-        tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-    return frames, mask, tokens
+    frames, mask = random_videos(b, t, size, g, padded=2)
+    return frames, mask, random_tokens(b, 32, g, lengths=[4 + 3 * i for i in range(b)])
 
 
 def _count(module):

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import FakeVideoText
+from fakes import FakeVideoText, random_tokens, random_videos
 
 from baselines.xpool import XPool
 
@@ -28,14 +28,8 @@ def micro():
 
 def _inputs(n_videos=7, n_texts=5, t=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    frames = torch.randn(n_videos, t, 3, size, size, generator=g, dtype=torch.float64)
-    mask = torch.ones(n_videos, t, dtype=torch.bool)
-    tokens = torch.zeros(n_texts, 32, dtype=torch.long)
-    for i in range(n_texts):
-        n = 3 + (5 * i) % 27
-        tokens[i, 0], tokens[i, n] = 49406, 49407
-        tokens[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-    return frames, mask, tokens
+    frames, mask = random_videos(n_videos, t, size, g, torch.float64, padded=0)
+    return frames, mask, random_tokens(n_texts, 32, g)
 
 
 def test_new_parameters_at_vit_b32(vitb32):
