@@ -111,3 +111,32 @@ def retrieval_metrics(similarity: Tensor, query_video: Tensor, chunk_size: int =
     for start in range(0, similarity.shape[0], chunk_size):
         metric.update(similarity[start : start + chunk_size], query_video[start : start + chunk_size])
     return metric.compute()
+
+
+def pair_metrics(similarity: Tensor, caption_video: Tensor, caption_kind: Tensor, video_partner: Tensor) -> dict[str, float]:
+    """The synthetic benchmark's view: R@1 by caption kind, and temporal pair accuracy.
+
+    Args:
+        similarity: ``[Q, N]`` caption x video scores.
+        caption_video: ``[Q]`` each caption's video.
+        caption_kind: ``[Q]`` 0 for static captions, 1 for temporal ones.
+        video_partner: ``[N]`` each video's hard negative (-1 when it has none).
+
+    Returns:
+        ``static/R@1``, ``temporal/R@1`` (percent) and ``temporal/pair_acc``: the percentage of
+        temporal captions scoring their own clip strictly above its partner (ties lose; an
+        order-blind model sits at 50).
+    """
+    ranks = positive_ranks(similarity, caption_video)
+    partner = video_partner[caption_video]
+    rows = torch.arange(len(caption_video), device=similarity.device)
+    own, other = similarity[rows, caption_video], similarity[rows, partner.clamp(min=0)]
+    paired = (caption_kind == 1) & (partner >= 0)
+    out = {}
+    for kind, name in ((0, "static"), (1, "temporal")):
+        selected = ranks[caption_kind == kind]
+        if len(selected):
+            out[f"{name}/R@1"] = 100.0 * (selected <= 1).double().mean().item()
+    if paired.any():
+        out["temporal/pair_acc"] = 100.0 * (own[paired] > other[paired]).double().mean().item()
+    return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import Features, TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
-from retrieval.metrics import RetrievalMetrics
+from retrieval.metrics import RetrievalMetrics, pair_metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_ratio: float = 0.1
-
-
-# hyperparameters saved in checkpoints hold an OptimConfig: allow it under torch.load(weights_only=True)
-torch.serialization.add_safe_globals([OptimConfig])
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -100,7 +96,11 @@ class RetrievalModule(L.LightningModule):
         eval_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(optim, dict):  # a checkpoint's hparams
+            optim = OptimConfig(**{**optim, "betas": tuple(optim.get("betas", OptimConfig.betas))})
+        # checkpoints and logger files keep the recipe as plain data
+        self.save_hyperparameters(ignore=["optim"])
+        self.save_hyperparameters({**self.hparams, "optim": asdict(optim)})
         self.clip = CLIPBackbone(backbone, pretrained, max_words)
         self.num_frames = num_frames
         self.max_words = max_words
@@ -297,6 +297,11 @@ class RetrievalModule(L.LightningModule):
         text, video, caption_video = self.gather_eval_features()
         self.eval_features[stage] = (text, video, caption_video)
         metrics = self.evaluate(text, video, caption_video)
+        annotations = getattr(self.trainer.datamodule, "eval_annotations", lambda _: {})(stage)
+        if "caption_kind" in annotations:  # the synthetic benchmark: static / temporal captions, pairs
+            similarity = self.similarity(text, video)
+            metrics.update(pair_metrics(similarity, caption_video, *(annotations[k].to(similarity.device)
+                                                                   for k in ("caption_kind", "video_partner"))))
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
 

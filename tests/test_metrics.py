@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.metrics import RetrievalMetrics, positive_ranks, retrieval_metrics
+from retrieval.metrics import RetrievalMetrics, pair_metrics, positive_ranks, retrieval_metrics
 
 
 def test_ranks_count_ties_against_the_query():
@@ -109,3 +109,12 @@ def test_bad_input_is_a_clear_error():
         retrieval_metrics(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), torch.arange(2))
     with pytest.raises(ValueError, match="without any caption"):
         retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+def test_pair_metrics_hand_computed():
+    # 4 videos: 0<->1 a static pair, 2<->3 a temporal pair; one caption each
+    sim = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.5, 0.4, 0.0, 0.0], [0.0, 0.0, 0.6, 0.6], [0.0, 0.0, 0.2, 0.7]])
+    m = pair_metrics(sim, torch.arange(4), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 3, 2]))
+    assert m["static/R@1"] == 50.0  # caption 1 loses to video 0
+    assert m["temporal/R@1"] == 50.0  # caption 2 ties with its partner: a miss
+    assert m["temporal/pair_acc"] == 50.0  # the tie is not a win
