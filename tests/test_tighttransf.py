@@ -60,25 +60,6 @@ def test_score_is_the_official_cross_model_without_logit_scale(micro):
         micro.clip.logit_scale.sub_(1.0)
 
 
-def test_chunked_scoring_equals_unchunked(micro):
-    frames, mask, tokens = _inputs()
-    with torch.no_grad():
-        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
-        full = micro.score(text, video)
-        torch.testing.assert_close(micro.score_gallery(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
-        torch.testing.assert_close(micro.similarity(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
-
-
-def test_score_is_not_a_dot_product(micro):
-    """An offline method's [Q, N] matrix has rank <= D; the cross transformer's exceeds it."""
-    d = micro.clip.embed_dim
-    frames, mask, tokens = _inputs(n_videos=d + 16, n_texts=d + 16, seed=1)
-    with torch.no_grad():
-        scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
-    assert micro.offline is False
-    assert torch.linalg.matrix_rank(scores).item() > d
-
-
 def test_fit_and_test_run(trainer_kwargs):
     model = TightTransf(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
     data = FakeVideoText(num_frames=4)
