@@ -152,8 +152,8 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
 
 
 def _timings(model: RetrievalModule, data: VideoTextDataModule, text, video, preset: Preset) -> dict[str, float]:
-    tokens = next(iter(data.test_dataloader()[1]))["tokens"]
-    batch = next(iter(data.test_dataloader()[0]))
+    videos, captions = data.test_dataloader()
+    tokens, batch = next(iter(captions))["tokens"], next(iter(videos))
     online = {
         "ms_per_query_test": time_online(model, tokens, video, batch_size=1, repeats=preset.timing_repeats),
         "ms_per_query_tiled": time_online(model, tokens, video.repeat_to(preset.tiled_gallery), batch_size=1,
