@@ -29,9 +29,13 @@ def padding_attn_mask(key_mask: Tensor, num_heads: int, num_queries: int | None 
 
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-    """Run open_clip residual blocks (batch-first) with an optional key-padding mask."""
+    """Run open_clip residual blocks (batch-first) with an optional key-padding mask.
+
+    A mask that hides nothing is dropped: the additive zeros would change no number but would
+    cost a ``[B·heads, L, L]`` tensor and the masked attention path.
+    """
     mask = None
-    if key_mask is not None:
+    if key_mask is not None and not bool(key_mask.all()):
         mask = padding_attn_mask(key_mask, blocks[0].attn.num_heads).to(x.dtype)
     for block in blocks:
         x = block(x, attn_mask=mask)
