@@ -157,18 +157,22 @@ def frequent_token_ids() -> list[int]:
     return ids
 
 
-def caption_loss(logits: Tensor, tokens: Tensor, class_weight: Tensor) -> Tensor:
-    """Weighted next-token cross-entropy, inputs from the first EOT on dropped.
+def caption_targets(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Which next-token predictions the caption loss reads, and their targets.
+
+    Inputs are SOT and the words; from the first EOT on (the EOT input, padding) they are dropped.
 
     Args:
-        logits: ``[B, L - 1, V]`` predictions from ``tokens[:, :-1]``.
         tokens: ``[B, L]`` SOT ... EOT, padded (EOT has the largest id, so ``argmax`` finds it).
-        class_weight: ``[V]`` per-target weight; the mean is weighted (PyTorch's ``weight``).
+
+    Returns:
+        ``keep [B, L - 1]`` True on the input positions whose prediction counts, and the targets
+        ``tokens[:, 1:][keep]`` ``[K]``.
     """
     eot = tokens.argmax(dim=-1)  # [B], first EOT
     positions = torch.arange(tokens.shape[1] - 1, device=tokens.device)
-    keep = positions[None, :] < eot[:, None]  # [B, L - 1]: inputs SOT and words
-    return F.cross_entropy(logits[keep], tokens[:, 1:][keep], weight=class_weight)
+    keep = positions[None, :] < eot[:, None]  # [B, L - 1]
+    return keep, tokens[:, 1:][keep]
 
 
 class Captioner(nn.Module):
@@ -208,23 +212,32 @@ class Captioner(nn.Module):
         weight[frequent_token_ids()] = frequent_word_weight
         self.register_buffer("class_weight", weight, persistent=False)
 
-    def forward(self, token_embeds: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
+    def forward(self, token_embeds: Tensor, frames: Tensor, frame_mask: Tensor, keep: Tensor | None = None) -> Tensor:
         """Next-token logits.
+
+        The decoder is causal, so a prediction depends only on the inputs up to it: with ``keep``
+        the sequence is cut after the last kept position and the vocabulary head (``L·V·D`` MACs,
+        most of the captioner's cost with CLIP's 49,408 tokens) runs on the kept positions only.
+        The kept logits are exactly those of the full sequence.
 
         Args:
             token_embeds: ``[B, L', D]`` CLIP token + positional embeddings of the input tokens.
             frames: ``[B, T, D]`` un-normalised projected frame features (the memory).
             frame_mask: ``[B, T]`` True on real frames.
+            keep: None, or ``[B, L']`` True on the positions whose logits are wanted.
 
         Returns:
-            ``[B, L', V]`` logits.
+            ``[B, L', V]`` logits, or ``[K, V]`` at the K kept positions (row-major).
         """
+        if keep is not None:
+            length = int(keep.any(dim=0).nonzero().max()) + 1 if keep.any() else 1
+            token_embeds, keep = token_embeds[:, :length], keep[:, :length]
         causal = nn.Transformer.generate_square_subsequent_mask(token_embeds.shape[1], device=frames.device)
         x = self.decoder(
             self.caption_prenorm(token_embeds), frames, tgt_mask=causal, tgt_is_causal=True,
             memory_key_padding_mask=~frame_mask,
         )
-        return self.caption_head(x)
+        return self.caption_head(x if keep is None else x[keep])
 
 
 # ---------------------------------------------------------------------- the retriever
@@ -334,8 +347,10 @@ class PromptSwitch(RetrievalModule):
         inputs = tokens[:, :-1]
         with torch.no_grad():  # official: no gradient reaches CLIP's text embeddings this way
             embeds = self.clip.token_embedding(inputs) + self.clip.positional_embedding[: inputs.shape[1]]
-        logits = self.captioner(embeds, video.frames, batch["frame_mask"])  # [B, L - 1, V]
-        return {"caption": self.caption_loss_weight * caption_loss(logits, tokens, self.captioner.class_weight)}
+        keep, targets = caption_targets(tokens)
+        logits = self.captioner(embeds, video.frames, batch["frame_mask"], keep)  # [K, V]
+        loss = F.cross_entropy(logits, targets, weight=self.captioner.class_weight)  # weighted mean
+        return {"caption": self.caption_loss_weight * loss}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.drop_duplicate_videos:

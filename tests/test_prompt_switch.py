@@ -14,7 +14,7 @@ from retrieval.module import RetrievalModule
 from retrieval.prompt_switch import (
     PROMPT_SWITCH_OPTIM,
     PromptSwitch,
-    caption_loss,
+    caption_targets,
     first_pair_per_video,
     prompt_switch_block,
     switch_prompts,
@@ -134,15 +134,29 @@ def test_caption_loss_hand_checked():
     logits = torch.randn(2, 5, 6)
     logp = logits.log_softmax(-1)
     kept = [(0, 0, 1), (0, 1, 2), (0, 2, 5), (1, 0, 0), (1, 1, 5)]  # (row, input position, target)
+    keep, targets = caption_targets(tokens)
+    # inputs from the first EOT on (EOT input, padding) are dropped
+    assert keep.nonzero().tolist() == [[r, i] for r, i, _ in kept]
+    assert targets.tolist() == [t for _, _, t in kept]
     w = torch.stack([weight[t] for _, _, t in kept])
     nll = torch.stack([-logp[r, i, t] for r, i, t in kept])
     expected = (w * nll).sum() / w.sum()
-    assert caption_loss(logits, tokens, weight).item() == pytest.approx(expected.item(), rel=1e-6)
-    # inputs from the first EOT on (EOT input, padding) are dropped
-    noisy = logits.clone()
-    noisy[0, 3:] += 10 * torch.randn(2, 6)
-    noisy[1, 2:] += 10 * torch.randn(3, 6)
-    assert caption_loss(noisy, tokens, weight).item() == pytest.approx(caption_loss(logits, tokens, weight).item())
+    loss = F.cross_entropy(logits[keep], targets, weight=weight)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_captioner_kept_logits_equal_the_full_sequence(micro):
+    # causal decoder: cutting the sequence after the last kept position and running the head on
+    # the kept positions only gives exactly the full sequence's logits there
+    torch.manual_seed(0)
+    tokens = torch.tensor([[SOT, 320, 1929, EOT, 0, 0, 0, 0], [SOT, 518, EOT, 0, 0, 0, 0, 0]])
+    keep, _ = caption_targets(tokens)
+    embeds = torch.randn(2, 7, micro.clip.embed_dim)
+    frames, mask = torch.randn(2, 6, micro.clip.embed_dim), torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    full = micro.captioner(embeds, frames, mask)  # [2, 7, V]
+    kept = micro.captioner(embeds, frames, mask, keep)  # [K, V]
+    assert kept.shape == (int(keep.sum()), full.shape[-1])
+    torch.testing.assert_close(kept, full[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_frequent_word_weights(micro):
