@@ -9,7 +9,7 @@ from retrieval.cli import main
 from retrieval.module import RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "experiments" / "model").glob("*.yaml"))
+RECIPES = sorted((ROOT / "experiments" / "model").glob("*.yaml")) + sorted((ROOT / "experiments" / "ablations").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
