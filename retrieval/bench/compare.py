@@ -76,18 +76,19 @@ class Preset:
     """Everything ``vtr compare`` holds equal across methods."""
 
     num_train: int = 4000
-    num_val: int = 400
+    num_val: int = 200
     num_test: int = 400
     pretrain: PretrainConfig = PretrainConfig()
     steps: int = 300
-    val_every: int = 100
+    val_every: int = 150
     batch_size: int = 64
-    num_frames: int = 8
+    num_frames: int = 6
+    max_words: int = 16
     train_sampling: str = "uniform"
     freeze_vision_tower: bool = True
     optim: OptimConfig = OptimConfig(lr=3e-3, clip_lr=1e-4, weight_decay=0.05, warmup_ratio=0.05)
     tiled_gallery: int = 10_000
-    timing_repeats: int = 10
+    timing_repeats: int = 5
 
 
 PRESETS = {
@@ -119,14 +120,14 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
     else:
         frames = {"num_frames": preset.num_frames}
     data = VideoTextDataModule(
-        dataset="synthetic", root=str(data_root), backbone="vtr-tiny", max_words=32, batch_size=preset.batch_size,
+        dataset="synthetic", root=str(data_root), backbone="vtr-tiny", max_words=preset.max_words, batch_size=preset.batch_size,
         eval_batch_size=128, num_workers=0, cache_frames=True, pair_batches=True, train_sampling=preset.train_sampling,
         seed=seed, synthetic_seed=seed,
         synthetic_num_train=preset.num_train, synthetic_num_val=preset.num_val, synthetic_num_test=preset.num_test,
         **frames,
     )
     overrides = {"backbone": "vtr-tiny", "pretrained": str(backbone_ckpt), "num_frames": frames["num_frames"],
-                 "max_words": 32, "optim": asdict(preset.optim)}
+                 "max_words": preset.max_words, "optim": asdict(preset.optim)}
     model = build_method(recipe["model"], overrides, seed=seed).train()
     if preset.freeze_vision_tower:  # CLIP4Clip's freeze_layer_num, all layers: methods' own modules still train
         model.clip.visual.requires_grad_(False)
