@@ -171,10 +171,23 @@ class GLCCL(RetrievalModule):
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``S = (S_vs + S_vw + S_sf + S_fw) / 4``: ``[Q, N]`` logits."""
-        return self.score_components(text, video).mean(dim=0)
+        components = self.score_components(text, video)
+        if self.training and self.csc_weight:  # the in-batch components, kept for auxiliary_losses
+            self._in_batch = (text, video, components)
+        return components.mean(dim=0)
 
     def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        """``{"csc": λ · L_CSC}`` on this rank's B×B in-batch pairs."""
+        """``{"csc": λ · L_CSC}`` on this rank's B×B in-batch pairs.
+
+        In one process the contrastive loss has just scored exactly these pairs: their
+        components are reused, not recomputed (under DDP the loss scores against the global
+        batch, so they are computed here).
+        """
+        kept, self._in_batch = getattr(self, "_in_batch", None), None
         if self.csc_weight == 0:
             return {}
-        return {"csc": self.csc_weight * contrastive_score_consistency(self.score_components(text, video))}
+        if kept is not None and kept[0] is text and kept[1] is video:
+            components = kept[2]
+        else:
+            components = self.score_components(text, video)
+        return {"csc": self.csc_weight * contrastive_score_consistency(components)}

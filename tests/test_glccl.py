@@ -107,6 +107,30 @@ def test_csc_weight_options(micro):
         GLCCL(backbone="vtr-micro", csc_weight=-1.0)
 
 
+def test_csc_reuses_the_components_the_loss_scored(micro, monkeypatch):
+    frames, mask, tokens = _inputs(n_videos=4, n_texts=4)
+    batch = {"frames": frames, "frame_mask": mask, "tokens": tokens}
+    micro.train()
+    try:
+        torch.manual_seed(0)
+        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        expected = micro.csc_weight * contrastive_score_consistency(micro.score_components(text, video))
+        calls = []
+        original = micro.score_components
+        monkeypatch.setattr(micro, "score_components", lambda *a: calls.append(1) or original(*a))
+        micro.contrastive_loss(text, video)
+        csc = micro.auxiliary_losses(batch, text, video)["csc"]
+        assert len(calls) == 1  # scored once for the loss and the CSC term
+        torch.testing.assert_close(csc, expected)
+        # other features (e.g. the global batch under DDP) are scored afresh, never a stale match
+        other = micro.encode_video(frames.flip(1), mask)
+        micro.contrastive_loss(text, other)
+        micro.auxiliary_losses(batch, text, video)
+        assert len(calls) == 3
+    finally:
+        micro.eval()
+
+
 def test_word_count_is_fixed_but_frame_count_is_free(micro):
     frames, mask, tokens = _inputs()
     with pytest.raises(ValueError, match="max_words=32"):
