@@ -25,6 +25,18 @@ batch (both clips of a pair in it), the data and the seed. Each method is
 3. timed online (``encode_text + score + top-k``) over the test gallery and over a gallery of
    ``tiled_gallery`` videos tiled from its real test features, and offline (``encode_video``).
 
+The default preset's budget (≤ 15 minutes for all nine methods on a 2-core CPU, pretraining
+cached) is spent on steps, because accuracy is still climbing at 300: ``vtr compare --steps 200``
+(with the earlier 8 frames and 32 tokens) lost 6-24 points of pair accuracy against 300 steps
+(SeqTransf 77 -> 53, GLCCL 82 -> 61, CLIP2Video 99 -> 93). So the cost
+per step is cut instead, without changing what a method learns: 6 frames per video (8 before:
+a third less vision and temporal work; the synthetic events span the clip), 16 caption tokens
+(the longest synthetic caption has 13, so no caption is cut; X-CLIP's and GLCCL's L x L and
+L x T terms shrink 2-4x), validation on 200 videos at steps 150 and 300. Per-step cost is
+dominated by tightTransf (B^2 pair sequences through 4 cross layers, ~0.75 s) and Prompt
+Switch (its captioner's 49,408-way vocabulary head, ~0.5 s); without them a step of all
+other methods costs ~1.1 s.
+
 Outputs in ``--out``: ``results.csv``, ``results.png`` (pair accuracy against ms/query) and
 each method's Lightning logs and checkpoints.
 """
