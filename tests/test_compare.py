@@ -47,3 +47,12 @@ def test_same_seed_same_accuracy_table(smoke_run, tmp_path, monkeypatch):
     first = {r["method"]: r for r in rows}
     for row in again:
         assert {k: row[k] for k in ACCURACY} == {k: first[row["method"]][k] for k in ACCURACY}
+
+
+def test_an_earlier_run_is_not_overwritten_unless_asked(smoke_run, capsys):
+    out, _ = smoke_run
+    before = (out / "run" / "results.csv").read_bytes()
+    with pytest.raises(SystemExit):
+        compare.main(["compare", "--preset", "smoke", "--out", str(out / "run"), "--methods-dir", str(METHODS_DIR)])
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "run" / "results.csv").read_bytes() == before

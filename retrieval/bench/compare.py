@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                         help="freeze CLIP's vision tower (default: the preset's choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     args = parser.parse_args(argv[1:] if argv and argv[0] == "compare" else argv)
 
     if args.threads:
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "freeze_vision_tower": args.freeze_vision, "optim": replace(preset.optim, **optim)}
     preset = replace(preset, **{k: v for k, v in changes.items() if v is not None})
     paths = recipes(args.methods_dir, args.methods)
+    if (args.out / "results.csv").exists() and not args.overwrite:
+        parser.error(f"{args.out / 'results.csv'} holds an earlier run: pass --overwrite to replace it, or another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]vtr compare[/]: preset {args.preset}, {len(paths)} methods, seed {args.seed} -> {args.out}")
     backbone = pretrained_backbone(preset.pretrain)  # cached under $VTR_CACHE (default ~/.cache/vtr)
