@@ -32,10 +32,9 @@ cached) is spent on steps, because accuracy is still climbing at 300: ``vtr comp
 per step is cut instead, without changing what a method learns: 6 frames per video (8 before:
 a third less vision and temporal work; the synthetic events span the clip), 16 caption tokens
 (the longest synthetic caption has 13, so no caption is cut; X-CLIP's and GLCCL's L x L and
-L x T terms shrink 2-4x), validation on 200 videos at steps 150 and 300. Per-step cost is
-dominated by tightTransf (B^2 pair sequences through 4 cross layers, ~0.75 s) and Prompt
-Switch (its captioner's 49,408-way vocabulary head, ~0.5 s); without them a step of all
-other methods costs ~1.1 s.
+L x T terms shrink 2-4x), validation on 200 videos at steps 150 and 300. The cost is
+dominated by tightTransf (B^2 pair sequences through 4 cross layers) and Prompt Switch (its
+captioner's 49,408-way vocabulary head): see the train minutes in the README's table.
 
 Outputs in ``--out``: ``results.csv``, ``results.png`` (pair accuracy against ms/query) and
 each method's Lightning logs and checkpoints.
