@@ -206,3 +206,19 @@ def read_yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_recipe_variant_merges_onto_its_base(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "m.yaml").write_text(
+        "model:\n  class_path: a.B\n  init_args:\n    x: 1\n    optim: {lr: 0.1, eps: 1.0e-6}\ndata:\n  num_frames: 6\n")
+    (tmp_path / "variant.yaml").write_text("base: model/m.yaml\nmodel:\n  init_args:\n    optim: {lr: 0.5}\n")
+    recipe = read_recipe(tmp_path / "variant.yaml")
+    assert recipe == {"model": {"class_path": "a.B", "init_args": {"x": 1, "optim": {"lr": 0.5, "eps": 1.0e-6}}},
+                      "data": {"num_frames": 6}}
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        read_recipe(tmp_path / "lost.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        read_recipe(tmp_path / "loop.yaml")

@@ -35,18 +35,40 @@ log = logging.getLogger(__name__)
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe YAML (``experiments/model/<name>.yaml``) as a dict with a ``model`` section.
 
+    A variant (``experiments/ablations/``) names its recipe with ``base:`` (a path relative to
+    the variant) and holds only what it changes; mappings are merged key by key onto the base,
+    so the variant follows every later edit of its recipe.
+
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file has no ``model: {class_path, init_args}`` section.
+        FileNotFoundError: no file at ``path`` (or at a ``base`` it names).
+        ValueError: the file has no ``model: {class_path, init_args}`` section, or its bases
+            form a cycle.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = _read_with_bases(Path(path), ())
     model = recipe.get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise ValueError(f"{path} has no 'model: {{class_path: ..., init_args: ...}}' section")
     return recipe
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist" + (f" (the base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ValueError(f"recipe bases form a cycle: {' -> '.join(map(str, seen + (path.resolve(),)))}")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    return _merged(_read_with_bases(path.parent / base, seen + (path.resolve(),)), recipe)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def context_length(backbone: str) -> int:
