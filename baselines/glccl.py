@@ -55,17 +55,17 @@ from retrieval.temporal import TemporalTransformer
 
 
 def guidance_weights(guide_dots: Tensor, temperature: float, frame_mask: Tensor | None) -> Tensor:
-    """GLIM's pooling weights ``softmax_f(⟨q, V_f⟩ / temperature)`` over the last (frame) axis."""
+    """GLIM's pooling weights ``softmax_f(⟨q, V_f⟩ / temperature)`` over the frame axis (dim 1)."""
     logits = guide_dots / temperature
     if frame_mask is not None:
         logits = logits.masked_fill(~frame_mask, float("-inf"))
-    return logits.softmax(dim=-1)
+    return logits.softmax(dim=1)
 
 
 def pooled_norm(weights: Tensor, gram: Tensor) -> Tensor:
-    """``|Σ_f a_f V_f| = √(aᵀ G a)`` for weights ``[Q, K, N, T]`` and Gram matrices ``[N, T, T]`` -> ``[Q, K, N]``."""
-    squared = (torch.einsum("nts,qkns->qknt", gram, weights) * weights).sum(dim=-1)
-    return squared.clamp_min(1e-12).sqrt()
+    """``|Σ_f a_f V_f| = √(aᵀ G a)`` for weights ``[N, T, ...]`` and Gram matrices ``[N, T, T]`` -> ``[N, ...]``."""
+    mixed = (gram @ weights.flatten(2)).view(weights.shape)  # G a, one [T, T] x [T, ·] product per video
+    return torch.linalg.vecdot(mixed, weights, dim=1).clamp_min(1e-12).sqrt()
 
 
 def contrastive_score_consistency(scores: Tensor) -> Tensor:
@@ -110,7 +110,8 @@ class GLCCL(RetrievalModule):
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = XCLIP_OPTIM,
-        eval_chunk_size: int = 128,
+        eval_chunk_size: int = 512,
+        eval_chunk_pairs: int | None = 1024,
         num_temporal_layers: int = 4,
         temperature: float = 0.01,
         guidance_temperature: float = 5.0,
@@ -119,6 +120,7 @@ class GLCCL(RetrievalModule):
         mask_padding_frames: bool = False,
     ) -> None:
         super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        self.set_pair_budget(eval_chunk_pairs)
         if csc_weight < 0:
             raise ValueError(f"csc_weight must be >= 0, got {csc_weight}")
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
@@ -132,7 +134,13 @@ class GLCCL(RetrievalModule):
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
         # GLIM guides with the raw features: keep their norms next to the normalised ones.
-        return self.head.text_features(sentence, words, tokens).replace(
+        text = self.head.text_features(sentence, words, tokens)
+        # The text operand of the frame product, built once per query, not per gallery chunk:
+        # Ŵ, ŴA_l / τ (1/τ folded in, sparing a pass over the frame-word matrix), ŝ, ŝA_g.
+        scaled_local = text.words_local * (1.0 / self.head.word_level.temperature)
+        operand = torch.cat([text.words, scaled_local, text.sentence[:, None], text.sentence_global[:, None]], dim=1)
+        return text.replace(
+            frame_operand=operand,  # [Q, 2L + 2, D]
             sentence_norm=sentence.norm(dim=-1),  # |s| [Q]
             word_norm=words.norm(dim=-1),  # |w_ℓ| [Q, L]
         )
@@ -145,28 +153,34 @@ class GLCCL(RetrievalModule):
     def score_components(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """The four logit-scaled scores ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw)."""
         v = video.frames  # [N, T, D]
-        sentence_dots = torch.einsum("qd,ntd->qnt", text.sentence, v)  # ⟨ŝ, V_f⟩
-        global_dots = torch.einsum("qd,ntd->qnt", text.sentence_global, v)  # ⟨ŝA_g, V_f⟩
-        word_dots = torch.einsum("qld,ntd->qlnt", text.words, v)  # ⟨ŵ_ℓ, V_f⟩
-        local_dots = torch.einsum("qld,ntd->qlnt", text.words_local, v)  # ⟨ŵ_ℓA_l, V_f⟩
+        n, t, d = v.shape
+        q, l = text.words.shape[:2]
+        # Every frame dot product in one [N·T, D] x [D, Q·(2L + 2)] product (the gallery is read
+        # once): ⟨ŵ_ℓ, V_f⟩, ⟨ŵ_ℓA_l, V_f⟩ / τ, ⟨ŝ, V_f⟩, ⟨ŝA_g, V_f⟩, as [N, T, Q, ·] views.
+        dots = (v.reshape(n * t, d) @ text.frame_operand.reshape(q * (2 * l + 2), d).T).view(n, t, q, 2 * l + 2)
+        word_dots = dots[..., :l]  # ⟨ŵ_ℓ, V_f⟩ [N, T, Q, L]
+        local_logits = dots[..., l : 2 * l]  # ⟨ŵ_ℓA_l, V_f⟩ / τ
+        sentence_dots = dots[..., 2 * l]  # ⟨ŝ, V_f⟩ [N, T, Q]
+        global_dots = dots[..., 2 * l + 1]  # ⟨ŝA_g, V_f⟩
 
-        # GLIM: sentence-guided weights b [Q, N, T], word-guided weights a [Q, L, N, T]
-        frame_keep = video.frame_mask[None] if self.mask_padding_frames else None  # [1, N, T]
-        b = guidance_weights(text.sentence_norm[:, None, None] * sentence_dots, self.guidance_temperature, frame_keep)
-        a = guidance_weights(text.word_norm[:, :, None, None] * word_dots, self.guidance_temperature,
-                             None if frame_keep is None else frame_keep[:, None])
-        video_norm = pooled_norm(b[:, None], video.gram)[:, 0]  # |v_s| [Q, N]
-        a_unit = a / pooled_norm(a, video.gram)[..., None]  # a_j / |F_j|: F̂_j = Σ_f (a_j / |F_j|)_f V_f
+        # GLIM over the frame axis (dim 1): sentence-guided b [N, T, Q], word-guided a [N, T, Q, L(j)]
+        frame_keep = video.frame_mask[:, :, None] if self.mask_padding_frames else None  # [N, T, 1]
+        b = guidance_weights(sentence_dots * text.sentence_norm, self.guidance_temperature, frame_keep)
+        a = guidance_weights(word_dots * text.word_norm, self.guidance_temperature,
+                             None if frame_keep is None else frame_keep[..., None])
+        video_norm = pooled_norm(b, video.gram)  # |v_s| [N, Q]
+        a_unit = a / pooled_norm(a, video.gram)[:, None]  # a_j / |F_j|: F̂_j = Σ_f (a_j / |F_j|)_f V_f
 
         # dot products with the normalised pooled features v̂_s and F̂_j
-        video_sentence = (b * global_dots).sum(dim=-1) / video_norm  # [Q, N]
-        video_word = (word_dots * b[:, None]).sum(dim=-1) / video_norm[:, None]  # [Q, L, N]
-        sentence_frame = (a_unit * sentence_dots[:, None]).sum(dim=-1)  # [Q, L(j), N]
-        frame_word = torch.einsum("qlnt,qjnt->qlnj", local_dots, a_unit)  # [Q, L, N, L(j)]
+        video_sentence = torch.linalg.vecdot(b, global_dots, dim=1) / video_norm  # [N, Q]
+        video_word = torch.linalg.vecdot(word_dots, b[..., None], dim=1) / video_norm[..., None]  # [N, Q, L]
+        sentence_frame = torch.linalg.vecdot(a_unit, sentence_dots[..., None], dim=1)  # [N, Q, L(j)]
+        # ⟨ŵ_ℓA_l, F̂_j⟩ / τ: one [L(j), T] x [T, L] product per (video, query), [N, Q, L(j), L]
+        frame_word_logits = a_unit.permute(0, 2, 3, 1) @ local_logits.transpose(1, 2)
 
         word_keep = text.word_mask if self.mask_padding_words else None  # [Q, L]
-        guides = None if word_keep is None else word_keep[:, None]  # [Q, 1, L(j)]
-        scores = self.head(video_sentence, video_word, sentence_frame.transpose(1, 2), frame_word, word_keep, guides)
+        guides = None if word_keep is None else word_keep[None]  # [1, Q, L(j)]
+        scores = self.head(video_sentence, video_word, sentence_frame, frame_word_logits, word_keep, guides, frame_axis=2)
         return self.logit_scale() * scores
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:

@@ -71,27 +71,31 @@ class AttentionOverSimilarityMatrix(nn.Module):
         self.weight = nn.Parameter(torch.eye(size))  # A
         self.temperature = temperature
 
-    def forward(self, sim: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    def forward(self, sim: Tensor, dim: int = -1, mask: Tensor | None = None, prescaled: bool = False) -> Tensor:
         """Aggregate axis ``dim`` (length n) of ``sim`` away.
 
         Args:
             sim: similarities, any shape with n positions along ``dim``.
             dim: the aggregated axis; the others are batch axes.
             mask: None, or True on the positions to keep (broadcastable to ``sim``).
+            prescaled: ``sim`` holds ``s / τ`` (the caller folded 1/τ into a matmul operand,
+                saving a pass over a large tensor); the sum is scaled back by τ.
         """
         dim = dim % sim.dim()
-        logits = sim * (1.0 / self.temperature)
+        logits = sim if prescaled else sim * (1.0 / self.temperature)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         weights = logits.softmax(dim=dim)
         # re-mix the weights across positions: (weights A) along ``dim``, as one matmul
         if dim == sim.dim() - 1:
             weights = weights @ self.weight
-        else:
-            weights = (self.weight.T @ weights.flatten(dim + 1)).view(weights.shape)
+        else:  # Aᵀ w over [., n, trailing] slabs; the expanded Aᵀ is a stride-0 view, not a copy
+            slabs = weights.reshape(-1, weights.shape[dim], weights[(0,) * (dim + 1)].numel())
+            weights = torch.bmm(self.weight.T.expand(slabs.shape[0], -1, -1), slabs).view(weights.shape)
         if mask is not None:
             weights = weights * mask
-        return (weights * sim).sum(dim=dim)
+        total = torch.linalg.vecdot(weights, sim, dim=dim)
+        return total * self.temperature if prescaled else total
 
 
 class MultiGrainedScores(nn.Module):
@@ -142,33 +146,56 @@ class MultiGrainedScores(nn.Module):
         video_sentence: Tensor,
         video_word: Tensor,
         sentence_frame: Tensor,
-        frame_word: Tensor,
+        frame_word_logits: Tensor,
         word_mask: Tensor | None = None,
         frame_mask: Tensor | None = None,
+        frame_axis: int = 1,
     ) -> Tensor:
         """The four unscaled scores, stacked ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw).
 
-        The word axis comes second, where the einsums of the callers leave it (no copies).
+        Gallery-major layouts, the ones the callers' products leave: every softmax and sum runs
+        over the last axis or over an axis whose trailing axes are contiguous, and no large
+        tensor is permuted.
 
         Args:
-            video_sentence: ``[Q, N]`` ⟨ŝA_g, v̂⟩.
-            video_word: ``[Q, L, N]`` ⟨ŵ_ℓ, v̂⟩.
-            sentence_frame: ``[Q, N, T]`` ⟨ŝ, f̂_t⟩.
-            frame_word: ``[Q, L, N, T]`` ⟨ŵ_ℓA_l, f̂_t⟩.
+            video_sentence: ``[N, Q]`` ⟨ŝA_g, v̂⟩.
+            video_word: ``[N, Q, L]`` ⟨ŵ_ℓ, v̂⟩.
+            sentence_frame: ``[N, Q, T]`` ⟨ŝ, f̂_t⟩.
+            frame_word_logits: ⟨ŵ_ℓA_l, f̂_t⟩ / τ, ``[N, T, Q, L]`` (``frame_axis=1``, X-CLIP's
+                ``[N·T, D] × [D, Q·L]`` product) or ``[N, Q, T, L]`` (``frame_axis=2``); the
+                caller folds 1/τ into its text operand, and the two frame–word AOSMs share τ.
             word_mask: None, or ``[Q, L]`` True on the words to keep.
-            frame_mask: None, or True on the frames to keep, broadcastable to ``[Q, N, T]``.
+            frame_mask: None, or True on the frames to keep, broadcastable to ``[N, Q, T]``.
+            frame_axis: where the frame axis of ``frame_word_logits`` is (1 or 2).
         """
-        words = None if word_mask is None else word_mask[:, :, None]  # [Q, L, 1]
-        frames = None if frame_mask is None else frame_mask[:, None]  # [., 1, ., T]
-        per_frame = self.word_level(frame_word, 1, None if words is None else words[..., None])  # [Q, N, T]
-        per_word = self.frame_level(frame_word, -1, frames)  # [Q, L, N]
-        fine = 0.5 * (self.sentence_to_frame(per_frame, -1, frame_mask) + self.video_to_word(per_word, 1, words))
-        return torch.stack([
+        if frame_axis not in (1, 2):
+            raise ValueError(f"frame_axis must be 1 ([N, T, Q, L]) or 2 ([N, Q, T, L]), got {frame_axis}")
+        check_shared_temperature(self.word_level, self.frame_level)
+        words = None if word_mask is None else word_mask[None]  # [1, Q, L]
+        grid_frames = None  # the frame mask on the frame-word grid, [.., 1]
+        if frame_mask is not None:
+            grid_frames = (frame_mask.transpose(-1, -2) if frame_axis == 1 else frame_mask)[..., None]
+        fine = frame_word_logits
+        per_frame = self.word_level(fine, -1, None if words is None else words.unsqueeze(frame_axis), prescaled=True)
+        per_word = self.frame_level(fine, frame_axis, grid_frames, prescaled=True)  # [N, Q, L]
+        if frame_axis == 1:  # per_frame [N, T, Q]
+            to_sentence = self.sentence_to_frame(per_frame, 1, None if grid_frames is None else grid_frames[..., 0])
+        else:  # per_frame [N, Q, T]
+            to_sentence = self.sentence_to_frame(per_frame, -1, frame_mask)
+        fine_score = 0.5 * (to_sentence + self.video_to_word(per_word, -1, words))
+        scores = torch.stack([
             video_sentence,
-            self.video_word(video_word, 1, words),
+            self.video_word(video_word, -1, words),
             self.sentence_frame(sentence_frame, -1, frame_mask),
-            fine,
-        ])
+            fine_score,
+        ])  # [4, N, Q]
+        return scores.transpose(1, 2)
+
+
+def check_shared_temperature(*aosms: AttentionOverSimilarityMatrix) -> None:
+    """The frame–word logits are computed once at one τ: the AOSMs reading them must share it."""
+    if len({m.temperature for m in aosms}) > 1:
+        raise ValueError(f"the frame-word AOSMs must share one temperature, got {[m.temperature for m in aosms]}")
 
 
 class XCLIP(RetrievalModule):
@@ -194,13 +221,15 @@ class XCLIP(RetrievalModule):
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = XCLIP_OPTIM,
-        eval_chunk_size: int = 256,
+        eval_chunk_size: int = 512,
+        eval_chunk_pairs: int | None = 1024,
         num_temporal_layers: int = 4,
         temperature: float = 0.01,
         mask_padding_words: bool = False,
         mask_padding_frames: bool = False,
     ) -> None:
         super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        self.set_pair_budget(eval_chunk_pairs)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
         positions = self.temporal.frame_position_embeddings.num_embeddings
         if not 1 <= num_frames <= positions:
@@ -211,7 +240,11 @@ class XCLIP(RetrievalModule):
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
-        return self.head.text_features(sentence, words, tokens)
+        text = self.head.text_features(sentence, words, tokens)
+        # The text operand of the frame product, built once per query, not per gallery chunk:
+        # ŴA_l / τ (1/τ folded in, sparing a pass over the frame-word matrix) and ŝ.
+        scaled_local = text.words_local * (1.0 / self.head.word_level.temperature)
+        return text.replace(frame_operand=torch.cat([scaled_local, text.sentence[:, None]], dim=1))  # [Q, L + 1, D]
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         self.check_frames(frames, frame_mask)
@@ -224,13 +257,19 @@ class XCLIP(RetrievalModule):
         """The four logit-scaled scores ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw)."""
         check_length(video.frames.shape[1], self.num_frames, "num_frames", "the video features")
         check_length(text.words.shape[1], self.max_words, "max_words", "the text features")
-        video_sentence = torch.einsum("qd,nd->qn", text.sentence_global, video.video)
-        video_word = torch.einsum("qld,nd->qln", text.words, video.video)
-        sentence_frame = torch.einsum("qd,ntd->qnt", text.sentence, video.frames)
-        frame_word = torch.einsum("qld,ntd->qlnt", text.words_local, video.frames)
+        frames = video.frames  # [N, T, D]
+        n, t, d = frames.shape
+        q, l = text.words.shape[:2]
+        # Gallery on the left: one [N·T, D] x [D, Q·(L + 1)] product reads the frames once, runs
+        # at GEMM speed and leaves the frame-word logits as [N, T, Q, L] (no permutes).
+        dots = (frames.reshape(n * t, d) @ text.frame_operand.reshape(q * (l + 1), d).T).view(n, t, q, l + 1)
+        frame_word_logits = dots[..., :l].contiguous()  # ⟨ŵ_ℓA_l, f̂_t⟩ / τ [N, T, Q, L]
+        sentence_frame = dots[..., l].transpose(1, 2)  # ⟨ŝ, f̂_t⟩ [N, Q, T]
+        video_word = (video.video @ text.words.reshape(q * l, d).T).view(n, q, l)
+        video_sentence = video.video @ text.sentence_global.T  # [N, Q]
         word_mask = text.word_mask if self.mask_padding_words else None  # [Q, L]
-        frame_mask = video.frame_mask[None] if self.mask_padding_frames else None  # [1, N, T]
-        scores = self.head(video_sentence, video_word, sentence_frame, frame_word, word_mask, frame_mask)
+        frame_mask = video.frame_mask[:, None] if self.mask_padding_frames else None  # [N, 1, T]
+        scores = self.head(video_sentence, video_word, sentence_frame, frame_word_logits, word_mask, frame_mask)
         return self.logit_scale() * scores
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:

@@ -112,9 +112,11 @@ class XPool(RetrievalModule):
         max_words: int = 32,
         optim: OptimConfig = XPOOL_OPTIM,
         eval_chunk_size: int = 256,
+        eval_chunk_pairs: int | None = 1024,
         dropout: float = 0.3,
     ) -> None:
         super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        self.set_pair_budget(eval_chunk_pairs)
         self.pool_frames = TextConditionedPooling(self.clip.embed_dim, dropout)
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
@@ -129,5 +131,6 @@ class XPool(RetrievalModule):
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``σ · cos(t, pool(V | t))``: ``[Q, N]`` logits."""
         pooled = self.pool_frames(text.query, video.frame_keys, video.frame_values, video.frame_mask[None])  # [Q, N, D]
-        cosine = torch.einsum("qd,qnd->qn", text.sentence, F.normalize(pooled, dim=-1))
+        # cos(t, out) = ⟨t̂, out⟩ / max(|out|, ε), as F.normalize: no normalised copy of [Q, N, D]
+        cosine = torch.linalg.vecdot(pooled, text.sentence[:, None]) / pooled.norm(dim=-1).clamp_min(1e-12)
         return self.logit_scale() * cosine

@@ -86,6 +86,12 @@ class RetrievalModule(L.LightningModule):
     offline: bool = False
     """True when the method is fusion-free: one embedding per video, dot-product score."""
 
+    eval_chunk_pairs: int | None = None
+    """None, or a budget of (query, video) pairs per ``score`` call (text-conditioned methods
+    take it as an argument): with Q queries a gallery chunk holds
+    ``clamp(eval_chunk_pairs // Q, 16, eval_chunk_size)`` videos, so the per-pair tensors stay
+    cache-sized for a single query and for a batch of 64 alike."""
+
     def __init__(
         self,
         backbone: str = "vtr-tiny",
@@ -105,6 +111,8 @@ class RetrievalModule(L.LightningModule):
         self.num_frames = num_frames
         self.max_words = max_words
         self.optim = optim
+        if eval_chunk_size < 1:
+            raise ValueError(f"eval_chunk_size must be >= 1, got {eval_chunk_size}")
         self.eval_chunk_size = eval_chunk_size
         self.eval_features: dict[str, tuple[TextFeatures, VideoFeatures, Tensor]] = {}
         self._eval_buffers: dict[str, list] = {"video": [], "text": []}
@@ -150,16 +158,25 @@ class RetrievalModule(L.LightningModule):
         clip_ids = {id(p) for p in self.clip.parameters()}
         return (p for p in self.parameters() if id(p) not in clip_ids)
 
+    def set_pair_budget(self, eval_chunk_pairs: int | None) -> None:
+        """Set ``eval_chunk_pairs`` (a text-conditioned method's argument), refusing a value < 1."""
+        if eval_chunk_pairs is not None and eval_chunk_pairs < 1:
+            raise ValueError(f"eval_chunk_pairs must be >= 1 or None, got {eval_chunk_pairs}")
+        self.eval_chunk_pairs = eval_chunk_pairs
+
     def score_gallery(self, text: TextFeatures, video: VideoFeatures, chunk_size: int | None = None) -> Tensor:
         """``score`` of a few queries over a gallery, in gallery chunks: ``[q, N]``.
 
         Text-conditioned scorers build per-pair tensors, so chunking the gallery bounds their
         memory by the chunk, whatever N is. A fusion-free score is one ``[q, N]`` product and is
-        not chunked unless ``chunk_size`` is given.
+        not chunked unless ``chunk_size`` is given. Without ``chunk_size`` a chunk holds
+        ``eval_chunk_size`` videos, or fewer under the ``eval_chunk_pairs`` budget.
         """
         if self.offline and chunk_size is None:  # one [Q, D] x [D, N] product reads the gallery once
             return self.score(text, video)
         chunk = chunk_size or self.eval_chunk_size
+        if chunk_size is None and self.eval_chunk_pairs is not None:
+            chunk = max(16, min(chunk, self.eval_chunk_pairs // len(text)))
         return torch.cat([self.score(text, part) for _, part in video.chunks(chunk)], dim=1)
 
     @torch.no_grad()

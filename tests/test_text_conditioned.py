@@ -40,3 +40,26 @@ def test_score_is_not_a_dot_product(micro):
         scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
     assert micro.offline is False
     assert torch.linalg.matrix_rank(scores).item() > d
+
+
+def test_the_pair_budget_sizes_gallery_chunks(micro, monkeypatch):
+    """``eval_chunk_pairs`` shrinks the gallery chunk as the query batch grows (never below 16
+    videos, never above ``eval_chunk_size``), and the scores do not change."""
+    frames, mask, tokens = _inputs(n_videos=40, n_texts=5)
+    with torch.no_grad():
+        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        full = micro.score(text, video)
+        sizes: list[int] = []
+        original = micro.score
+        monkeypatch.setattr(micro, "score", lambda t, v: sizes.append(len(v)) or original(t, v))
+        monkeypatch.setattr(micro, "eval_chunk_size", 32)
+        monkeypatch.setattr(micro, "eval_chunk_pairs", 5 * 20)  # 20 videos for 5 queries
+        torch.testing.assert_close(micro.score_gallery(text, video), full, rtol=0, atol=1e-6)
+        assert sizes == [20, 20]
+        sizes.clear()
+        micro.score_gallery(text[:1], video)  # 100 pairs for 1 query: capped by eval_chunk_size
+        assert sizes == [32, 8]
+        sizes.clear()
+        monkeypatch.setattr(micro, "eval_chunk_pairs", 5)  # 1 video per call? no: at least 16
+        micro.score_gallery(text, video)
+        assert sizes == [16, 16, 8]
