@@ -22,11 +22,12 @@ How the pooled features are scored. The pooled vectors are never materialised: a
 is a convex combination of frames, so its dot product with any query-side vector is the same
 combination of that vector's frame dot products, and its norm is ``√(aᵀ G a)`` with the frames'
 Gram matrix ``G = V Vᵀ`` (``[T, T]`` per video, cached by ``encode_video``). The frame dot
-products of s, ŝA_g, W and ŴA_l are four einsums over the gallery chunk; the rest is
+products of s, ŝA_g, W and ŴA_l are one ``[N·T, D] × [D, Q·(2L + 2)]`` GEMM over the gallery
+chunk (1/τ folded into ŴA_l, so the frame–word matrix arrives as logits); the rest is
 ``[L, T] × [T, L]`` per pair. This is the same function as the official code (a test checks it
 against the literal pooled-feature formula) at ≈ 2·L·T·D + 2·T·D + L²·T + L·T² ≈ 0.42 M MACs per
 pair instead of ≈ 0.96 M, and ``O(L² + L·T)`` floats per pair instead of ``O(L·D)``. The
-official Python loop over word positions is one einsum here.
+official Python loop over word positions is one batched matmul here.
 
 Differences from the official code, on purpose:
 
@@ -98,7 +99,8 @@ class GLCCL(RetrievalModule):
     Memory: a ``score`` call over Q queries and a chunk of N videos holds about
     ``(4·L·T + 5·L²) · Q·N · 4`` bytes (the word–frame dot products, GLIM weights, and the
     L×L frame–word matrix with its softmax / mixed copies, fp32); ≈ 26 MB per 1,000 pairs at
-    T=12, L=32, independent of D.
+    T=12, L=32, independent of D. Chunks hold ``eval_chunk_size`` videos for one query and
+    ``eval_chunk_pairs`` pairs for a batch.
     """
 
     offline = False

@@ -20,8 +20,10 @@ naming the option.
 
 The video side (v̂, F̂) never sees the text and is cached by ``encode_video``; the text side (ŝ,
 Ŵ and their projections ŝA_g, ŴA_l) once per query by ``encode_text``; ``score`` does the
-per-pair work, ≈ L·T·D + L·D + T·D + L²T + LT² MACs per (query, video) pair, as a few einsums
-over the whole gallery chunk.
+per-pair work, ≈ L·T·D + L·D + T·D + L²T + LT² MACs per (query, video) pair, gallery-major:
+one ``[N·T, D] × [D, Q·(L + 1)]`` GEMM gives every frame–word and sentence–frame similarity of
+the chunk (the frames are read once; 1/τ is folded into the text operand, so the frame–word
+matrix arrives as logits), and the AOSMs run on its ``[N, T, Q, L]`` layout without permutes.
 
 Differences from the official code, on purpose:
 
@@ -209,7 +211,8 @@ class XCLIP(RetrievalModule):
 
     Memory: a ``score`` call over Q queries and a chunk of N videos holds about
     ``4 · Q·N_chunk·L·T · 4`` bytes (the frame–word matrix and its softmax / mixed copies, fp32),
-    plus ``O(Q·N_chunk·(L + T))``; ≈ 6 MB per 1,000 pairs at T=12, L=32.
+    plus ``O(Q·N_chunk·(L + T))``; ≈ 6 MB per 1,000 pairs at T=12, L=32. Chunks hold
+    ``eval_chunk_size`` videos for one query and ``eval_chunk_pairs`` pairs for a batch.
     """
 
     offline = False

@@ -99,7 +99,8 @@ class XPool(RetrievalModule):
 
     Memory: a ``score`` call over Q queries and a chunk of N videos holds about
     ``5 · Q·N·D · 4`` bytes (pooled, normalised, linear, residual and output copies, fp32), plus
-    ``2 · Q·N·T · 4`` for the attention; ≈ 10 MB per 1,000 pairs at D=512.
+    ``2 · Q·N·T · 4`` for the attention; ≈ 10 MB per 1,000 pairs at D=512. Chunks hold
+    ``eval_chunk_size`` videos for one query and ``eval_chunk_pairs`` pairs for a batch.
     """
 
     offline = False
