@@ -137,10 +137,9 @@ class GLCCL(RetrievalModule):
         sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
         # GLIM guides with the raw features: keep their norms next to the normalised ones.
         text = self.head.text_features(sentence, words, tokens)
-        # The text operand of the frame product, built once per query, not per gallery chunk:
-        # Ŵ, ŴA_l / τ (1/τ folded in, sparing a pass over the frame-word matrix), ŝ, ŝA_g.
-        scaled_local = text.words_local * (1.0 / self.head.word_level.temperature)
-        operand = torch.cat([text.words, scaled_local, text.sentence[:, None], text.sentence_global[:, None]], dim=1)
+        # The text operand of the frame product, built once per query, not per gallery chunk.
+        local = text.words_local_logits  # ŴA_l / τ
+        operand = torch.cat([text.words, local, text.sentence[:, None], text.sentence_global[:, None]], dim=1)
         return text.replace(
             frame_operand=operand,  # [Q, 2L + 2, D]
             sentence_norm=sentence.norm(dim=-1),  # |s| [Q]

@@ -40,6 +40,8 @@ whose head is X-CLIP's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,7 +94,7 @@ class AttentionOverSimilarityMatrix(nn.Module):
         if dim == sim.dim() - 1:
             weights = weights @ self.weight
         else:  # Aᵀ w over [., n, trailing] slabs; the expanded Aᵀ is a stride-0 view, not a copy
-            slabs = weights.reshape(-1, weights.shape[dim], weights[(0,) * (dim + 1)].numel())
+            slabs = weights.reshape(-1, weights.shape[dim], math.prod(weights.shape[dim + 1 :]))
             weights = torch.bmm(self.weight.T.expand(slabs.shape[0], -1, -1), slabs).view(weights.shape)
         if mask is not None:
             weights = weights * mask
@@ -115,6 +117,7 @@ class MultiGrainedScores(nn.Module):
     def __init__(self, num_frames: int, num_words: int, dim: int, temperature: float = 0.01) -> None:
         super().__init__()
         self.num_frames, self.num_words = num_frames, num_words
+        self.temperature = temperature  # one τ for all six AOSMs (the frame-word logits are computed at it)
         self.global_mat_weight = nn.Parameter(torch.eye(dim))  # A_g
         self.local_mat_weight = nn.Parameter(torch.eye(dim))  # A_l
         self.video_word = AttentionOverSimilarityMatrix(num_words, temperature)  # A_w
@@ -125,7 +128,10 @@ class MultiGrainedScores(nn.Module):
         self.video_to_word = AttentionOverSimilarityMatrix(num_words, temperature)  # A_wm2
 
     def text_features(self, sentence: Tensor, words: Tensor, tokens: Tensor) -> TextFeatures:
-        """Normalised ŝ, Ŵ and the query-side projections ŝA_g, ŴA_l (computed once per query).
+        """Normalised ŝ, Ŵ and the query-side projections ŝA_g, ŴA_l / τ (computed once per query).
+
+        ŴA_l is kept divided by τ: the frame–word similarities then come out of the caller's
+        product as the AOSM logits, sparing a pass over the largest per-pair tensor.
 
         Args:
             sentence: ``[Q, D]`` EOT features.
@@ -139,7 +145,7 @@ class MultiGrainedScores(nn.Module):
             sentence=sentence,
             sentence_global=sentence @ self.global_mat_weight,  # ŝA_g [Q, D]
             words=words,
-            words_local=words @ self.local_mat_weight,  # ŴA_l [Q, L, D]
+            words_local_logits=words @ self.local_mat_weight * (1.0 / self.temperature),  # ŴA_l / τ [Q, L, D]
             word_mask=tokens != 0,  # [Q, L]
         )
 
@@ -172,7 +178,6 @@ class MultiGrainedScores(nn.Module):
         """
         if frame_axis not in (1, 2):
             raise ValueError(f"frame_axis must be 1 ([N, T, Q, L]) or 2 ([N, Q, T, L]), got {frame_axis}")
-        check_shared_temperature(self.word_level, self.frame_level)
         words = None if word_mask is None else word_mask[None]  # [1, Q, L]
         grid_frames = None  # the frame mask on the frame-word grid, [.., 1]
         if frame_mask is not None:
@@ -192,12 +197,6 @@ class MultiGrainedScores(nn.Module):
             fine_score,
         ])  # [4, N, Q]
         return scores.transpose(1, 2)
-
-
-def check_shared_temperature(*aosms: AttentionOverSimilarityMatrix) -> None:
-    """The frame–word logits are computed once at one τ: the AOSMs reading them must share it."""
-    if len({m.temperature for m in aosms}) > 1:
-        raise ValueError(f"the frame-word AOSMs must share one temperature, got {[m.temperature for m in aosms]}")
 
 
 class XCLIP(RetrievalModule):
@@ -244,10 +243,8 @@ class XCLIP(RetrievalModule):
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
         text = self.head.text_features(sentence, words, tokens)
-        # The text operand of the frame product, built once per query, not per gallery chunk:
-        # ŴA_l / τ (1/τ folded in, sparing a pass over the frame-word matrix) and ŝ.
-        scaled_local = text.words_local * (1.0 / self.head.word_level.temperature)
-        return text.replace(frame_operand=torch.cat([scaled_local, text.sentence[:, None]], dim=1))  # [Q, L + 1, D]
+        # The text operand of the frame product, built once per query, not per gallery chunk.
+        return text.replace(frame_operand=torch.cat([text.words_local_logits, text.sentence[:, None]], dim=1))  # [Q, L + 1, D]
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         self.check_frames(frames, frame_mask)
