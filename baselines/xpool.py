@@ -18,9 +18,17 @@ Offline, ``encode_video`` caches the keys ``W_k V'`` and the values with ``W_o``
 ``W_o W_v V' + b_o``: because the attention weights sum to one, ``W_o Σ_f a_f u_f + b_o =
 Σ_f a_f (W_o u_f + b_o)``, so folding W_o into the cached values is the same function, and it
 removes a D×D product per (text, video) pair (methods.md §6.3). ``encode_text`` computes the
-query ``W_q LN₁(t)`` once per query. What is left per pair is ``2·T·D + D²`` MACs (attention
-logits, weighted sum, W_lin), done as one einsum over the gallery chunk for the logits, one
-batched matmul for the pooling and one ``[Q·N, D] × [D, D]`` GEMM for W_lin.
+query ``W_q LN₁(t)`` once per query.
+
+Training scores with the block as written (dropout on the residual branch): ``2·T·D + D²`` MACs
+per pair. In eval there is no dropout, and the rest of the block is affine in the pooled value up
+to two LayerNorm scalings, so vtr evaluates the same function rearranged
+(:meth:`TextConditionedPooling.pooled_cosine`): LN₂'s and LN₃'s variances and the output's norm
+are quadratic forms of the attention weights in per-video T×T Gram matrices, cached by
+``encode_video`` with ``g_f = γ₃ ⊙ P((P u_f ⊙ γ₂)(I + W_lin)ᵀ)``. Per pair that leaves two
+``T·D`` products (attention logits, ``⟨t̂, g_f⟩``) and ``3·T²`` for the forms: ≈ 12.7 k MACs at
+ViT-B/32 against ≈ 275 k, with no ``[Q, N, D]`` tensor. Tests pin it to the literal block in
+float64 and show its fp32 error is the literal fp32 block's.
 
 Differences from the official code, on purpose:
 
@@ -54,6 +62,20 @@ def identity_linear(dim: int) -> nn.Linear:
     return layer
 
 
+def frame_products(frames: Tensor, text: Tensor) -> Tensor:
+    """Every frame against every query: ``[N, T, D], [Q, D] -> [N, T, Q]``.
+
+    One ``[N·T, D] x [D, Q]`` GEMM, except for a single query: MKL runs that shape as a
+    single-threaded gemv at about half the memory's read rate on this project's CPU, while a
+    batched product against the stride-0 expanded query streams the gallery at the full rate
+    (both measured in the issue-6 note).
+    """
+    n, t, d = frames.shape
+    if len(text) == 1:
+        return torch.bmm(frames, text.T.expand(n, d, 1))
+    return (frames.reshape(n * t, d) @ text.T).view(n, t, -1)
+
+
 class TextConditionedPooling(nn.Module):
     """X-Pool's cross-modal attention block (the official ``Transformer``).
 
@@ -82,12 +104,81 @@ class TextConditionedPooling(nn.Module):
         return self.k_proj(normed), self.out_proj(self.v_proj(normed))
 
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, frame_mask: Tensor) -> Tensor:
-        """Pool every video for every query: ``[Q, D], [N, T, D] -> [Q, N, D]``."""
+        """Pool every video for every query, the block as written: ``[Q, D], [N, T, D] -> [Q, N, D]``."""
         logits = torch.einsum("qd,ntd->qnt", query, keys) / math.sqrt(query.shape[-1])  # [Q, N, T]
         attention = logits.masked_fill(~frame_mask, float("-inf")).softmax(dim=-1)
         pooled = torch.einsum("qnt,ntd->qnd", attention, values)  # r [Q, N, D]
         pooled = self.layer_norm2(pooled)  # r'
         return self.layer_norm3(pooled + self.dropout(self.linear_proj(pooled)))  # [Q, N, D]
+
+    # ------------------------------------------------------------------ eval: the same block, rearranged
+    def _residual(self, x: Tensor, bias: bool) -> Tensor:
+        """``x + W_lin x (+ b_lin)``: the residual linear branch without dropout."""
+        return x + F.linear(x, self.linear_proj.weight, self.linear_proj.bias if bias else None)
+
+    def _offsets(self) -> tuple[Tensor, Tensor]:
+        """``e = P(β₂ + W_lin β₂ + b_lin)`` (the text-independent part of LN₃'s centred input) and ``γ₃ ⊙ e``."""
+        c = self._residual(self.layer_norm2.bias, bias=True)
+        e = c - c.mean()
+        return e, self.layer_norm3.weight * e
+
+    def text_terms(self, sentence: Tensor) -> Tensor:
+        """The per-query constants of :meth:`pooled_cosine`: ``[Q, D] -> [Q, 6]``.
+
+        Columns: ``⟨t̂, γ₃ ⊙ e⟩``, ``⟨t̂, β₃⟩``, then ``|e|²``, ``|γ₃ ⊙ e|²``, ``⟨γ₃ ⊙ e, β₃⟩``,
+        ``|β₃|²`` (the same for every query).
+        """
+        e, gamma_e = self._offsets()
+        beta3 = self.layer_norm3.bias
+        shared = torch.stack([e @ e, gamma_e @ gamma_e, gamma_e @ beta3, beta3 @ beta3])
+        return torch.cat([sentence @ torch.stack([gamma_e, beta3], dim=1), shared.expand(len(sentence), 4)], dim=1)
+
+    def pooling_forms(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-video terms of the rearranged block (eval, no dropout): ``[N, T, D] -> ([N, T, D], [N, 3T+3, T])``.
+
+        With ``u_f`` the values (W_o folded), ``P`` centring over D, ``z_f = (P u_f ⊙ γ₂)(I + W_lin)ᵀ``,
+        ``w_f = P z_f`` and ``g_f = γ₃ ⊙ w_f``, returns ``g`` and the stacked forms
+        ``[G_u; G_w; G_g; hᵀ; kᵀ; mᵀ]``: the Gram matrices of ``P u``, ``w`` and ``g`` and the
+        vectors ``h_f = ⟨w_f, e⟩``, ``k_f = ⟨g_f, γ₃ ⊙ e⟩``, ``m_f = ⟨g_f, β₃⟩``.
+        """
+        e, gamma_e = self._offsets()
+        centred = values - values.mean(dim=-1, keepdim=True)  # P u [N, T, D]
+        w = self._residual(centred * self.layer_norm2.weight, bias=False)
+        w = w - w.mean(dim=-1, keepdim=True)  # P z
+        g = w * self.layer_norm3.weight
+        grams = [a @ a.transpose(1, 2) for a in (centred, w, g)]  # 3 x [N, T, T]
+        linear = torch.stack([w @ e, g @ gamma_e, g @ self.layer_norm3.bias], dim=1)  # [N, 3, T]
+        return g, torch.cat([*grams, linear], dim=1)
+
+    def pooled_cosine(self, query: Tensor, sentence: Tensor, text_terms: Tensor, keys: Tensor, g: Tensor,
+                      forms: Tensor, frame_mask: Tensor) -> Tensor:
+        """``cos(t, block(t, V))`` from :meth:`pooling_forms`, exactly the block in eval: ``[N, Q]``.
+
+        Because the attention weights a sum to one, everything before LN₃ is ``Σ_f a_f z_f / σ₂ + c``
+        with ``σ₂² = aᵀG_u a / D + ε``, so LN₃'s variance, the dot product with t̂ and the output's
+        norm are a ``[T]`` product with ``⟨t̂, g_f⟩`` plus quadratic and linear forms in a. Per pair
+        that is ``2·T·D + 3·T²`` MACs instead of ``D² + 2·T·D``, and no ``[Q, N, D]`` tensor.
+
+        Args:
+            query: ``W_q LN₁(t)`` ``[Q, D]``.
+            sentence: t̂, the unit text feature ``[Q, D]``.
+            text_terms: :meth:`text_terms` of t̂ ``[Q, 6]``.
+            keys, g, forms, frame_mask: the cached ``[N, T, D]``, ``[N, T, D]``, ``[N, 3T+3, T]``, ``[N, T]``.
+        """
+        n, t, d = keys.shape
+        logits = frame_products(keys, query) / math.sqrt(d)  # [N, T, Q]
+        a = logits.masked_fill(~frame_mask[..., None], float("-inf")).softmax(dim=1)
+        text_g = frame_products(g, sentence)  # ⟨t̂, g_f⟩ [N, T, Q]
+        forms_a = forms @ a  # [N, 3T+3, Q]
+        quad_u, quad_w, quad_g = torch.linalg.vecdot(forms_a[:, : 3 * t].view(n, 3, t, -1), a[:, None], dim=2).unbind(1)
+        lin_h, lin_k, lin_m = forms_a[:, 3 * t :].unbind(1)  # aᵀh, aᵀk, aᵀm [N, Q]
+        t_gamma_e, t_beta3, e_sq, gamma_e_sq, gamma_e_beta3, beta3_sq = text_terms.T  # [Q] each
+        sigma2 = (quad_u / d + self.layer_norm2.eps).sqrt()
+        sigma3 = ((quad_w / sigma2 + 2 * lin_h) / sigma2 + e_sq).div(d).add(self.layer_norm3.eps).sqrt()
+        dot = (torch.linalg.vecdot(a, text_g, dim=1) / sigma2 + t_gamma_e) / sigma3 + t_beta3
+        scaled_sq = (quad_g / sigma2 + 2 * lin_k) / sigma2 + gamma_e_sq  # |P x ⊙ γ₃|²
+        norm_sq = (scaled_sq / sigma3 + 2 * (lin_m / sigma2 + gamma_e_beta3)) / sigma3 + beta3_sq
+        return dot / norm_sq.sqrt().clamp_min(1e-12)
 
 
 class XPool(RetrievalModule):
@@ -97,10 +188,11 @@ class XPool(RetrievalModule):
         dropout: dropout of the residual linear branch (0.3 for MSR-VTT 9k and LSMDC, 0.4 for
             MSR-VTT 7k and MSVD).
 
-    Memory: a ``score`` call over Q queries and a chunk of N videos holds about
-    ``5 · Q·N·D · 4`` bytes (pooled, normalised, linear, residual and output copies, fp32), plus
-    ``2 · Q·N·T · 4`` for the attention; ≈ 10 MB per 1,000 pairs at D=512. Chunks hold
-    ``eval_chunk_size`` videos for one query and ``eval_chunk_pairs`` pairs for a batch.
+    Memory: an eval ``score`` call over Q queries and a chunk of N videos holds about ``5 · Q·N·T``
+    floats (logits, attention, ``⟨t̂, g⟩``) plus ``(3T + 3) · Q·N`` for the forms: ≈ 0.4 MB per
+    1,000 pairs at T=12, so the default budget of 16,384 pairs (256 videos for 64 queries) holds
+    ≈ 6.5 MB. A training call holds ``≈ 5 · Q·N·D`` floats (the pooled value through the block),
+    10 MB per 1,000 pairs at D=512. The eval cache is ``2·T·D + (3T+3)·T`` floats per video.
     """
 
     offline = False
@@ -113,7 +205,7 @@ class XPool(RetrievalModule):
         max_words: int = 32,
         optim: OptimConfig = XPOOL_OPTIM,
         eval_chunk_size: int = 256,
-        eval_chunk_pairs: int | None = 1024,
+        eval_chunk_pairs: int | None = 16384,
         dropout: float = 0.3,
     ) -> None:
         super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
@@ -122,15 +214,28 @@ class XPool(RetrievalModule):
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # t [Q, D]
-        return TextFeatures(sentence=F.normalize(sentence, dim=-1), query=self.pool_frames.query(sentence))
+        unit = F.normalize(sentence, dim=-1)
+        return TextFeatures(sentence=unit, query=self.pool_frames.query(sentence), terms=self.pool_frames.text_terms(unit))
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        """Keys and values in training (the block as written, with dropout); in eval the keys,
+        ``g`` and the forms of :meth:`TextConditionedPooling.pooling_forms` (same scores, 20× fewer MACs)."""
         self.check_frames(frames, frame_mask)
         keys, values = self.pool_frames.keys_values(self.clip.encode_frames(frames))  # [B, T, D] each
-        return VideoFeatures(frame_keys=keys, frame_values=values, frame_mask=frame_mask)
+        if self.training:
+            return VideoFeatures(frame_keys=keys, frame_values=values, frame_mask=frame_mask)
+        g, forms = self.pool_frames.pooling_forms(values)
+        return VideoFeatures(frame_keys=keys, frame_g=g, frame_forms=forms, frame_mask=frame_mask)
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``σ · cos(t, pool(V | t))``: ``[Q, N]`` logits."""
+        if "frame_values" not in video:
+            if self.training and self.pool_frames.dropout.p > 0:
+                raise RuntimeError("X-Pool: these video features were encoded in eval mode (no values for the "
+                                   "dropout branch); encode the videos in training mode to train on them")
+            cosine = self.pool_frames.pooled_cosine(text.query, text.sentence, text.terms, video.frame_keys,
+                                                    video.frame_g, video.frame_forms, video.frame_mask)  # [N, Q]
+            return self.logit_scale() * cosine.T
         pooled = self.pool_frames(text.query, video.frame_keys, video.frame_values, video.frame_mask[None])  # [Q, N, D]
         # cos(t, out) = ⟨t̂, out⟩ / max(|out|, ε), as F.normalize: no normalised copy of [Q, N, D]
         cosine = torch.linalg.vecdot(pooled, text.sentence[:, None]) / pooled.norm(dim=-1).clamp_min(1e-12)

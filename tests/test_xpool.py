@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from fakes import FakeVideoText, random_tokens, random_videos
 
-from baselines.xpool import XPool
+from baselines.xpool import TextConditionedPooling, XPool
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,14 @@ def test_projections_start_at_identity_with_zero_bias(vitb32):
 
 
 def test_score_matches_the_official_block(micro):
-    """Against a literal restatement of xpool's Transformer (W_o applied after pooling, not folded)."""
+    """The eval path against a literal restatement of xpool's Transformer (W_o applied after
+    pooling, not folded; the pooled value through LN₂, W_lin and LN₃)."""
     frames, mask, tokens = _inputs()
     model, pool = micro, micro.pool_frames
     with torch.no_grad():
-        got = model.score(model.encode_text(tokens), model.encode_video(frames, mask))
+        text, video = model.encode_text(tokens), model.encode_video(frames, mask)
+        got = model.score(text, video)
+        one = model.score(text[:1], video)  # a single query takes the batched-gemv path
         t, _ = model.clip.encode_text(tokens)
         v = model.clip.encode_frames(frames)  # un-normalised CLIP frame features [N, T, D]
         tn, vn = pool.layer_norm1(t), pool.layer_norm1(v)
@@ -62,6 +65,43 @@ def test_score_matches_the_official_block(micro):
         out = pool.layer_norm3(r + pool.linear_proj(r))  # [N, Q, D]
         expected = model.logit_scale() * torch.einsum("qd,nqd->qn", F.normalize(t, dim=-1), F.normalize(out, dim=-1))
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(one, expected[:1])
+
+
+def test_eval_rearrangement_is_the_block_in_fp32_at_vit_b32_shapes():
+    """The eval path (Gram forms, no [Q, N, D] tensor) against the block as written, in float64:
+    at D=512, T=12 its fp32 error is that of the literal fp32 block."""
+    torch.manual_seed(0)
+    pool = TextConditionedPooling(512).eval()
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        t, v = torch.randn(5, 512), 2 * torch.randn(40, 12, 512) + 0.3
+        mask = torch.ones(40, 12, dtype=torch.bool)
+        mask[::3, 9:] = False
+        query, (keys, values), unit = pool.query(t), pool.keys_values(v), F.normalize(t, dim=-1)
+        got = pool.pooled_cosine(query, unit, pool.text_terms(unit), keys, *pool.pooling_forms(values), mask).T  # [Q, N]
+        pool.double()
+        out = pool(query.double(), keys.double(), values.double(), mask[None])
+        expected = torch.einsum("qnd,qd->qn", F.normalize(out, dim=-1), unit.double())
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_training_keeps_the_literal_block_and_refuses_eval_features(micro):
+    frames, mask, tokens = _inputs()
+    with torch.no_grad():
+        text, eval_video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        micro.train()
+        try:
+            train_video = micro.encode_video(frames, mask)
+            assert "frame_values" in train_video and "frame_values" not in eval_video
+            with pytest.raises(RuntimeError, match="encoded in eval mode"):
+                micro.score(text, eval_video)
+            micro.pool_frames.dropout.p = 0.0  # without dropout the two paths are one function
+            torch.testing.assert_close(micro.score(text, train_video), micro.score(text, eval_video))
+        finally:
+            micro.pool_frames.dropout.p = 0.3
+            micro.eval()
 
 
 def test_padded_frames_are_ignored(micro):

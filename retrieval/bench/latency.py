@@ -13,9 +13,10 @@ What is measured (DESIGN.md, "Efficiency measurement"):
   (``mem_method`` names which; kernel-internal scratch buffers are not seen by the latter);
 - floors (:func:`scorer_floor`): the scorer's compute floor, its matmul MACs per (query, video)
   pair (counted by ``FlopCounterMode``) times N at this machine's measured fp matmul rate,
-  and for fusion-free methods the bandwidth floor ``N * bytes_per_video / BW`` with BW the
-  measured read bandwidth, divided by the batch (one gallery read serves the whole batch).
-  ``ratio_to_floor`` = measured score+top-k time / the larger of the two floors.
+  and the bandwidth floor ``N * bytes_per_video / BW`` with BW the measured read bandwidth,
+  divided by the batch (one gallery read serves the whole batch; text-conditioned scorers read
+  each chunk once for the whole query batch too). ``ratio_to_floor`` = measured score+top-k
+  time / the larger of the two floors.
 
 Both rates are measured with the benchmark's own thread count, so the floors are what this
 process could reach, not the machine's peak.
@@ -363,23 +364,19 @@ class Floor:
         bytes_per_video: bytes of one video's cached features.
         matmul_gflops: measured matmul rate.
         bandwidth_gbs: measured read bandwidth.
-        fusion_free: whether the bandwidth floor applies (one vector per video, dot product).
     """
 
     macs_per_pair: float
     bytes_per_video: float
     matmul_gflops: float
     bandwidth_gbs: float
-    fusion_free: bool
 
     def compute_ms(self, n: int) -> float:
         """Per-query time of the scorer's MACs over N videos at the matmul rate."""
         return 1e3 * 2 * self.macs_per_pair * n / (self.matmul_gflops * 1e9)
 
-    def bandwidth_ms(self, n: int, batch: int = 1) -> float | None:
-        """Per-query time to read the gallery once per batch (fusion-free only, else None)."""
-        if not self.fusion_free:
-            return None
+    def bandwidth_ms(self, n: int, batch: int = 1) -> float:
+        """Per-query time to read the gallery's cached features once per query batch."""
         return 1e3 * n * self.bytes_per_video / (self.bandwidth_gbs * 1e9) / batch
 
 
@@ -405,7 +402,6 @@ def scorer_floor(model: RetrievalModule, text: TextFeatures, gallery_chunk: Vide
         bytes_per_video=gallery_chunk.nbytes() / m,
         matmul_gflops=matmul_gflops(str(device), dtype, threads),
         bandwidth_gbs=memory_bandwidth_gbs(str(device), threads),
-        fusion_free=bool(model.offline),
     )
 
 
@@ -462,7 +458,7 @@ def _fmt(value: Any) -> Any:
 
 def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Log-log ms/query against gallery size, one panel per batch size, one line per method,
-    p10-p90 band, dashed bandwidth floors of the fusion-free rows."""
+    p10-p90 band, dashed bandwidth floors (one per cached-bytes-per-video size)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -479,6 +475,7 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     methods = sorted({r["method"] for r in timed})
     for ax, batch in zip(axes[0], batches):
         floors: dict[tuple, list[tuple[float, float]]] = {}
+        floor_methods: dict[tuple, list[str]] = {}
         for i, method in enumerate(methods):
             points = sorted((int(r["gallery"]), r) for r in timed if r["method"] == method and int(r["batch"]) == batch)
             if not points:
@@ -488,13 +485,13 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.plot(x, [num(r, "ms_per_query_median") for _, r in points], "o-", color=colour, label=method)
             ax.fill_between(x, [num(r, "ms_per_query_p10") for _, r in points],
                             [num(r, "ms_per_query_p90") for _, r in points], color=colour, alpha=0.2)
-            for n, r in points:
-                if num(r, "bw_floor_ms") is not None:
-                    floors.setdefault((num(r, "bytes_per_video"), num(r, "bandwidth_gbs")), []).append((n, num(r, "bw_floor_ms")))
-        for (nbytes, gbs), values in floors.items():
+            key = (num(points[0][1], "bytes_per_video"), num(points[0][1], "bandwidth_gbs"))
+            floor_methods.setdefault(key, []).append(method)
+            floors.setdefault(key, []).extend((n, num(r, "bw_floor_ms")) for n, r in points if num(r, "bw_floor_ms"))
+        for key, values in floors.items():
             values = sorted(set(values))
-            ax.plot([n for n, _ in values], [v for _, v in values], "--", color="grey",
-                    label=f"bandwidth floor ({nbytes:.0f} B/video, {gbs:.0f} GB/s)")
+            ax.plot([n for n, _ in values], [v for _, v in values], ":", color="grey", linewidth=1,
+                    label=f"read floor {', '.join(floor_methods[key])} ({key[0] / 1024:.1f} KiB/video, {key[1]:.0f} GB/s)")
         ax.set(xscale="log", yscale="log", xlabel="gallery size N (videos)", ylabel="ms per query",
                title=f"batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
@@ -586,7 +583,7 @@ def bench_method(name: str, recipe: dict[str, Any], model: RetrievalModule, sett
                 result = time_online(model, tokens, gallery, batch, settings.k, settings.repeats, settings.warmup,
                                      settings.chunk_size, max_seconds=settings.max_seconds_per_point)
                 last_run[batch] = (n, result["ms_per_query_median"] * batch / 1e3)
-                bound = max(row["floor_ms"], row["bw_floor_ms"] or 0.0)
+                bound = max(row["floor_ms"], row["bw_floor_ms"])
                 rows.append({**row, **result, "ratio_to_floor": result["score_ms"] / bound if bound else None})
             if progress is not None:
                 progress.update()
