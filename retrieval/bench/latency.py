@@ -458,7 +458,7 @@ def _fmt(value: Any) -> Any:
 
 def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Log-log ms/query against gallery size, one panel per batch size, one line per method,
-    p10-p90 band, dashed bandwidth floors (one per cached-bytes-per-video size)."""
+    p10-p90 band, and each method's gallery-read floor dotted in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,8 +474,6 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = sorted({r["method"] for r in timed})
     for ax, batch in zip(axes[0], batches):
-        floors: dict[tuple, list[tuple[float, float]]] = {}
-        floor_methods: dict[tuple, list[str]] = {}
         for i, method in enumerate(methods):
             points = sorted((int(r["gallery"]), r) for r in timed if r["method"] == method and int(r["batch"]) == batch)
             if not points:
@@ -485,13 +483,10 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.plot(x, [num(r, "ms_per_query_median") for _, r in points], "o-", color=colour, label=method)
             ax.fill_between(x, [num(r, "ms_per_query_p10") for _, r in points],
                             [num(r, "ms_per_query_p90") for _, r in points], color=colour, alpha=0.2)
-            key = (num(points[0][1], "bytes_per_video"), num(points[0][1], "bandwidth_gbs"))
-            floor_methods.setdefault(key, []).append(method)
-            floors.setdefault(key, []).extend((n, num(r, "bw_floor_ms")) for n, r in points if num(r, "bw_floor_ms"))
-        for key, values in floors.items():
-            values = sorted(set(values))
-            ax.plot([n for n, _ in values], [v for _, v in values], ":", color="grey", linewidth=1,
-                    label=f"read floor {', '.join(floor_methods[key])} ({key[0] / 1024:.1f} KiB/video, {key[1]:.0f} GB/s)")
+            floor = [(n, num(r, "bw_floor_ms")) for n, r in points if num(r, "bw_floor_ms")]
+            if floor:
+                ax.plot([n for n, _ in floor], [v for _, v in floor], ":", color=colour, linewidth=1,
+                        label=f"{method} read floor ({num(points[0][1], 'bytes_per_video') / 1024:.1f} KiB/video)")
         ax.set(xscale="log", yscale="log", xlabel="gallery size N (videos)", ylabel="ms per query",
                title=f"batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
