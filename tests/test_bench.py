@@ -1,6 +1,7 @@
 """The timing primitives, floors, result files and ``vtr bench`` / ``vtr sweep`` commands."""
 
 import csv
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from retrieval.bench import build_method, read_recipe, sweep, tokenize
 from retrieval.bench.latency import (
     CAPTIONS,
     LiveTensorBytes,
+    MatmulTime,
     encode_videos,
     gallery_from,
     merge_rows,
@@ -68,6 +70,7 @@ def test_time_online_reports_positive_ordered_times(model, features):
     assert 0 < result["ms_per_query_p10"] <= result["ms_per_query_median"] <= result["ms_per_query_p90"]
     assert result["text_ms"] > 0 and result["score_ms"] > 0
     assert result["mem_method"] == "cpu_live_tensor_peak" and result["peak_mem_mb"] > 0
+    assert result["matmul_ms"] > 0  # the fusion-free scorer is one [q, D] x [D, N] product per chunk
 
 
 def test_time_online_budget_cuts_repeats_to_three(model, features):
@@ -90,6 +93,20 @@ def test_live_tensor_bytes_counts_allocations_and_frees():
         del a, b
     assert counter.peak == 8000
     assert counter.live == 0
+
+
+def test_matmul_time_times_only_the_ops_the_floor_prices():
+    a = torch.randn(128, 128)
+    with MatmulTime(torch.device("cpu")) as timer:
+        (a * 2).exp().softmax(dim=-1).sum()
+    assert timer.seconds == 0.0 and timer.calls == 0
+    start = time.perf_counter()
+    with MatmulTime(torch.device("cpu")) as timer:
+        a @ a  # mm
+        torch.nn.functional.linear(a, a, a[0])  # addmm
+        torch.einsum("bij,bjk->bik", a[None], a[None])  # bmm
+    elapsed = time.perf_counter() - start
+    assert timer.calls == 3 and 0 < timer.seconds <= elapsed
 
 
 def test_fusion_free_floor_counts_exactly_d_macs_per_pair(model, features):

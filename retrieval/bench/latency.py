@@ -16,7 +16,10 @@ What is measured (DESIGN.md, "Efficiency measurement"):
   and the bandwidth floor ``N * bytes_per_video / BW`` with BW the measured read bandwidth,
   divided by the batch (one gallery read serves the whole batch; text-conditioned scorers read
   each chunk once for the whole query batch too). ``ratio_to_floor`` = measured score+top-k
-  time / the larger of the two floors.
+  time / the larger of the two floors;
+- ``matmul_ms``: the part of one more scoring run spent inside the ops the compute floor prices
+  (:class:`MatmulTime`), so a ratio above the floor splits into the matmuls' own rate at the
+  scorer's shapes and everything else (softmaxes, reductions, dispatch).
 
 Both rates are measured with the benchmark's own thread count, so the floors are what this
 process could reach, not the machine's peak.
@@ -84,7 +87,7 @@ CAPTIONS = (
 COLUMNS = (
     "method", "class_path", "fusion_free", "backbone", "device", "dtype", "threads", "gallery", "batch",
     "ms_per_query_median", "ms_per_query_p10", "ms_per_query_p90", "text_ms", "score_ms", "repeats",
-    "macs_per_pair", "floor_ms", "bw_floor_ms", "ratio_to_floor", "bytes_per_video", "gallery_mb",
+    "macs_per_pair", "floor_ms", "bw_floor_ms", "ratio_to_floor", "matmul_ms", "bytes_per_video", "gallery_mb",
     "peak_mem_mb", "mem_method", "offline_ms_per_video", "offline_videos_per_s", "matmul_gflops",
     "bandwidth_gbs", "torch", "vtr", "note",
 )
@@ -140,6 +143,40 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+class MatmulTime(TorchDispatchMode):
+    """Wall time spent inside the matmul-like ops that ``FlopCounterMode`` prices (mm, addmm,
+    bmm, baddbmm, fused attention), each timed on its own with the device synchronised.
+
+    With the compute floor it splits a scorer's time: the matmuls' own rate at the scorer's
+    shapes (narrow GEMMs run far below a square matmul's rate) against everything else.
+    """
+
+    OPS = frozenset(
+        getattr(torch.ops.aten, name).default
+        for name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+                     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                     "_scaled_dot_product_cudnn_attention")
+        if hasattr(torch.ops.aten, name)
+    )
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.OPS:
+            return func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
 def peak_memory_mb(run: Callable[[], Any], device: torch.device) -> tuple[float, str]:
     """Peak memory one call of ``run`` adds above what is allocated before it, and the method."""
     if device.type == "cuda":
@@ -185,7 +222,9 @@ def time_online(
 
     Returns:
         ``ms_per_query_median``, ``ms_per_query_p10``, ``ms_per_query_p90``, ``text_ms`` and
-        ``score_ms`` (medians per query), ``repeats`` (runs timed), ``peak_mem_mb``, ``mem_method``.
+        ``score_ms`` (medians per query), ``repeats`` (runs timed), ``peak_mem_mb``, ``mem_method``,
+        ``matmul_ms`` (per query: the part of one more ``score_gallery`` spent in matmuls,
+        :class:`MatmulTime`).
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
@@ -222,6 +261,9 @@ def time_online(
             repeats = max(3, min(repeats, int(remaining / per_run)))
         times = [run() for _ in range(repeats)]
         peak, method = peak_memory_mb(run, device)
+        text = model.encode_text(next_batch())
+        with MatmulTime(device) as matmul:
+            model.score_gallery(text, gallery, chunk_size)
     totals = [1e3 * (a + b) / batch_size for a, b in times]
     median, p10, p90 = _quantiles(totals)
     return {
@@ -233,6 +275,7 @@ def time_online(
         "repeats": repeats,
         "peak_mem_mb": peak,
         "mem_method": method,
+        "matmul_ms": 1e3 * matmul.seconds / batch_size,
     }
 
 
@@ -634,14 +677,16 @@ def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path,
 
 
 def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
-    header = f"{'method':<16}{'N':>9}{'batch':>6}{'ms/query':>11}{'text':>9}{'score':>10}{'floor':>10}{'bw floor':>10}{'peak MB':>9}  note"
+    header = (f"{'method':<16}{'N':>9}{'batch':>6}{'ms/query':>11}{'text':>9}{'score':>10}{'matmuls':>10}{'floor':>10}"
+              f"{'bw floor':>10}{'peak MB':>9}  note")
     print(header)
     for r in rows:
         def f(column: str) -> str:
             value = r.get(column)
             return "-" if value in (None, "") else f"{float(value):.3g}"
         print(f"{r['method']:<16}{r['gallery']:>9}{r['batch']:>6}{f('ms_per_query_median'):>11}{f('text_ms'):>9}"
-              f"{f('score_ms'):>10}{f('floor_ms'):>10}{f('bw_floor_ms'):>10}{f('peak_mem_mb'):>9}  {r.get('note') or ''}")
+              f"{f('score_ms'):>10}{f('matmul_ms'):>10}{f('floor_ms'):>10}{f('bw_floor_ms'):>10}{f('peak_mem_mb'):>9}"
+              f"  {r.get('note') or ''}")
 
 
 def time_metrics(n: int, repeats: int = 3, chunk_size: int = 4096, seed: int = 0) -> dict[str, Any]:
