@@ -166,11 +166,16 @@ class MatmulTime(TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func not in self.OPS:
-            return func(*args, **(kwargs or {}))
+            # composite ops (matmul, linear, einsum) reach a mode whole under inference_mode:
+            # decompose them, as FlopCounterMode does, so their mm/bmm are seen
+            with self:
+                out = func.decompose(*args, **kwargs)
+            return func(*args, **kwargs) if out is NotImplemented else out
         synchronize(self.device)
         start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         synchronize(self.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
