@@ -51,7 +51,7 @@ from torch import Tensor
 
 from baselines.xclip import XCLIP_OPTIM, MultiGrainedScores
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.module import OptimConfig, RetrievalModule, frame_products
 from retrieval.temporal import TemporalTransformer
 
 
@@ -158,7 +158,7 @@ class GLCCL(RetrievalModule):
         q, l = text.words.shape[:2]
         # Every frame dot product in one [N·T, D] x [D, Q·(2L + 2)] product (the gallery is read
         # once): ⟨ŵ_ℓ, V_f⟩, ⟨ŵ_ℓA_l, V_f⟩ / τ, ⟨ŝ, V_f⟩, ⟨ŝA_g, V_f⟩, as [N, T, Q, ·] views.
-        dots = (v.reshape(n * t, d) @ text.frame_operand.reshape(q * (2 * l + 2), d).T).view(n, t, q, 2 * l + 2)
+        dots = frame_products(v, text.frame_operand.reshape(q * (2 * l + 2), d)).view(n, t, q, 2 * l + 2)
         word_dots = dots[..., :l]  # ⟨ŵ_ℓ, V_f⟩ [N, T, Q, L]
         local_logits = dots[..., l : 2 * l]  # ⟨ŵ_ℓA_l, V_f⟩ / τ
         sentence_dots = dots[..., 2 * l]  # ⟨ŝ, V_f⟩ [N, T, Q]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.module import OptimConfig, RetrievalModule, frame_products
 from retrieval.temporal import TemporalTransformer, mean_pool_normalized
 
 XCLIP_OPTIM = OptimConfig(lr=1e-4, clip_lr=1e-7, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_ratio=0.1)
@@ -264,7 +264,7 @@ class XCLIP(RetrievalModule):
         q, l = text.words.shape[:2]
         # Gallery on the left: one [N·T, D] x [D, Q·(L + 1)] product reads the frames once, runs
         # at GEMM speed and leaves the frame-word logits as [N, T, Q, L] (no permutes).
-        dots = (frames.reshape(n * t, d) @ text.frame_operand.reshape(q * (l + 1), d).T).view(n, t, q, l + 1)
+        dots = frame_products(frames, text.frame_operand.reshape(q * (l + 1), d)).view(n, t, q, l + 1)
         frame_word_logits = dots[..., :l].contiguous()  # ⟨ŵ_ℓA_l, f̂_t⟩ / τ [N, T, Q, L]
         sentence_frame = dots[..., l].transpose(1, 2)  # ⟨ŝ, f̂_t⟩ [N, Q, T]
         video_word = (video.video @ text.words.reshape(q * l, d).T).view(n, q, l)

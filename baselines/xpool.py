@@ -26,8 +26,8 @@ to two LayerNorm scalings, so vtr evaluates the same function rearranged
 (:meth:`TextConditionedPooling.pooled_cosine`): LN₂'s and LN₃'s variances and the output's norm
 are quadratic forms of the attention weights in per-video T×T Gram matrices, cached by
 ``encode_video`` with ``g_f = γ₃ ⊙ P((P u_f ⊙ γ₂)(I + W_lin)ᵀ)``. Per pair that leaves two
-``T·D`` products (attention logits, ``⟨t̂, g_f⟩``) and ``3·T²`` for the forms: ≈ 12.7 k MACs at
-ViT-B/32 against ≈ 275 k, with no ``[Q, N, D]`` tensor. Tests pin it to the literal block in
+``T·D`` products (attention logits, ``⟨t̂, g_f⟩``) and ``3·T²`` for the forms: ≈ 12.8 k MACs at
+ViT-B/32 against ≈ 274 k, with no ``[Q, N, D]`` tensor. Tests pin it to the literal block in
 float64 and show its fp32 error is the literal fp32 block's.
 
 Differences from the official code, on purpose:
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.module import OptimConfig, RetrievalModule, frame_products
 
 XPOOL_OPTIM = OptimConfig(lr=3e-5, clip_lr=1e-6, weight_decay=0.2, decay_all=True, betas=(0.9, 0.999), eps=1e-6, warmup_ratio=0.1)
 
@@ -60,20 +60,6 @@ def identity_linear(dim: int) -> nn.Linear:
     nn.init.eye_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-def frame_products(frames: Tensor, text: Tensor) -> Tensor:
-    """Every frame against every query: ``[N, T, D], [Q, D] -> [N, T, Q]``.
-
-    One ``[N·T, D] x [D, Q]`` GEMM, except for a single query: MKL runs that shape as a
-    single-threaded gemv at about half the memory's read rate on this project's CPU, while a
-    batched product against the stride-0 expanded query streams the gallery at the full rate
-    (both measured in the issue-6 note).
-    """
-    n, t, d = frames.shape
-    if len(text) == 1:
-        return torch.bmm(frames, text.T.expand(n, d, 1))
-    return (frames.reshape(n * t, d) @ text.T).view(n, t, -1)
 
 
 class TextConditionedPooling(nn.Module):

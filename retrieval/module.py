@@ -328,6 +328,21 @@ class RetrievalModule(L.LightningModule):
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
 
 
+def frame_products(frames: Tensor, operand: Tensor) -> Tensor:
+    """Every cached frame of a gallery chunk against every row of a text operand:
+    ``[N, T, D], [C, D] -> [N, T, C]`` (text-conditioned scorers, gallery-major).
+
+    One ``[N·T, D] x [D, C]`` GEMM reads the frames once. For a single column (one query's
+    vector) it is a batched product against the stride-0 expanded column instead: MKL runs the
+    ``[N·T, D] x [D, 1]`` GEMM as a single-threaded gemv at about half the memory's read rate
+    on this project's 2-core CPU (throwaway timings: 12 against 27 GB/s over a 246 MB gallery).
+    """
+    n, t, d = frames.shape
+    if len(operand) == 1:
+        return torch.bmm(frames, operand.T.expand(n, d, 1))
+    return (frames.reshape(n * t, d) @ operand.T).view(n, t, -1)
+
+
 def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
     """Sorted unique values of ``index`` and the position of each one's first occurrence."""
     unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
