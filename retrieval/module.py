@@ -273,7 +273,9 @@ class RetrievalModule(L.LightningModule):
     def _gather_unique(self, index: Tensor, fields: dict[str, Tensor], what: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Gather rows from all ranks, drop the sampler's padding duplicates, sort by index."""
         gathered = self.all_gather({"index": index, **fields})
-        if self.trainer.world_size > 1:
+        # all_gather prepends the world dimension whenever a process group exists, a world of
+        # one included (DDP on a single device), and never without one
+        if gathered["index"].dim() == 2:
             gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
         index = gathered.pop("index")
         unique, first = _first_occurrence(index)
