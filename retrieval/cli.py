@@ -1,20 +1,31 @@
 """The ``vtr`` command.
 
-- ``vtr fit | validate | test | predict``: LightningCLI over any ``RetrievalModule`` subclass
-  (swap methods with ``--model.class_path`` or a YAML under ``experiments/model/``) and the one
+- ``vtr fit | validate | test``: LightningCLI over any ``RetrievalModule`` subclass (swap methods
+  with ``--model.class_path`` or a YAML under ``experiments/model/``) and the one
   ``VideoTextDataModule``. Checkpoints are selected on ``val/t2v_R1``, never on test.
-- ``vtr compare | bench | index | search | sweep``: the framework's tools (``vtr TOOL --help``).
+- ``vtr compare | bench | index | search | sweep | pretrain``: the framework's tools
+  (``vtr TOOL --help``). Per-video features of a split are ``vtr index`` (there is no
+  ``vtr predict``).
+
+What the CLI adds to LightningCLI:
+
+- the data's ``backbone``, ``num_frames`` and ``max_words`` are the model's (linked: set them
+  once, under ``model.init_args``), and so is ``eval_num_frames`` for a method that fixes it.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from argparse import RawDescriptionHelpFormatter
 
+import torch
+import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
 from retrieval.module import RetrievalModule
 
 TOOLS = {
@@ -23,11 +34,31 @@ TOOLS = {
     "index": "retrieval.bench.index",
     "search": "retrieval.bench.index",
     "sweep": "retrieval.bench.sweep",
+    "pretrain": "retrieval.pretrain",
 }
+DESCRIPTION = ("Train, evaluate and time CLIP-based text-video retrievers. Lightning subcommands: fit, validate, "
+               "test (vtr SUBCOMMAND --help); vtr's tools below.")
+TOOLS_HELP = """tools (vtr TOOL --help):
+  compare   every method fine-tuned, tested and timed the same way (--preset smoke: a quick check)
+  bench     latency (per-query time against gallery size, beside the compute and read floors) | metrics
+  index     encode the videos of a split once: the offline per-video features, written to a file
+  search    rank an index's videos for typed queries
+  sweep     a local grid of `vtr fit` runs (experiments/sweeps/)
+  pretrain  print the path of the vtr-tiny pretrained on synthetic frames (building it on first use)"""
+
+
+class _Help(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+    """``vtr --help`` keeps the tools list as written."""
 
 
 class VTRCLI(LightningCLI):
-    """LightningCLI with vtr's defaults: CSV logs under ``runs/``, selection on validation R@1."""
+    """LightningCLI with vtr's defaults: CSV logs under ``runs/``, selection on validation R@1,
+    the model's shapes linked into the data."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (per-video features of a split: ``vtr index``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
@@ -35,16 +66,79 @@ class VTRCLI(LightningCLI):
                 "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
             }
         )
+        for key in MODEL_SETTINGS:
+            parser.link_arguments(f"model.init_args.{key}", f"data.{key}")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._refuse_linked_data_settings(config)
+        self._link_eval_frames(config)
+
+    def after_instantiate_classes(self) -> None:
+        self._check_eval_frames()
+
+    # ------------------------------------------------------------------ linked settings
+    def _error(self, message: str) -> None:
+        self._parser(self.subcommand).error(message)
+
+    def _refuse_linked_data_settings(self, config) -> None:
+        """A config file's ``data.num_frames`` (etc.) would be dropped silently by the link: refuse
+        it unless it equals the model's value (configs saved by older runs hold both)."""
+        for path in config.get("config") or []:
+            loaded = yaml.safe_load(path.get_content())
+            data = loaded.get("data") if isinstance(loaded, dict) else None
+            for key in MODEL_SETTINGS:
+                model_value = config.model.init_args.get(key)
+                if isinstance(data, dict) and key in data and data[key] != model_value:
+                    self._error(f"{path}: data.{key}={data[key]!r} contradicts model.init_args.{key}={model_value!r}; "
+                                f"data.{key} is the model's (linked): set model.init_args.{key} only")
+
+    def _link_eval_frames(self, config) -> None:
+        """A method with its own ``eval_num_frames`` (Prompt Switch) sets the data's; every
+        frame count must split into ``data.frame_segments``."""
+        model_frames = config.model.init_args.get("eval_num_frames")
+        eval_option = "data.eval_num_frames"
+        if model_frames is not None:
+            eval_option = "model.init_args.eval_num_frames"
+            if config.data.eval_num_frames is None:
+                config.data.eval_num_frames = model_frames
+            elif config.data.eval_num_frames != model_frames:
+                self._error(f"data.eval_num_frames={config.data.eval_num_frames} contradicts "
+                            f"model.init_args.eval_num_frames={model_frames}; set model.init_args.eval_num_frames only")
+        segments = config.data.frame_segments
+        for option, frames in (("model.init_args.num_frames", config.model.init_args.num_frames),
+                               (eval_option, config.data.eval_num_frames)):
+            if segments and frames and frames % segments:
+                self._error(f"{option}={frames} is not a multiple of data.frame_segments={segments}")
+
+    def _check_eval_frames(self) -> None:
+        """Run the method's own shape checks on ``data.eval_num_frames`` before any step, so a
+        refusal names the data option (X-CLIP's mixing matrices fix the frame count)."""
+        frames, model = self.datamodule.eval_num_frames, self.model
+        if frames == model.num_frames:
+            return
+        size = model.clip.image_size
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model.encode_video(torch.zeros(1, frames, 3, size, size), torch.ones(1, frames, dtype=torch.bool))
+        except ValueError as error:
+            self._error(f"data.eval_num_frames={frames} does not fit {type(model).__name__} "
+                        f"(model.init_args.num_frames={model.num_frames}): {error}")
+        finally:
+            model.train(was_training)
 
 
 def lightning_main(args: list[str] | None = None) -> VTRCLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``)."""
     return VTRCLI(
         RetrievalModule,
         VideoTextDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "vtr", "description": DESCRIPTION, "epilog": TOOLS_HELP, "formatter_class": _Help},
         trainer_defaults={
             "callbacks": [
                 ModelCheckpoint(monitor="val/t2v_R1", mode="max", save_last=True, filename="best-{epoch}-{step}"),

@@ -1,15 +1,19 @@
-"""`vtr fit` / `vtr test` through LightningCLI on generated data, and every recipe YAML builds."""
+"""`vtr fit` / `vtr test` through LightningCLI on generated data: every recipe YAML builds and the
+model's shapes are linked into the data."""
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from retrieval.bench import build_method, read_recipe
-from retrieval.cli import main
+from retrieval.cli import VTRCLI, main
+from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "experiments" / "model").glob("*.yaml")) + sorted((ROOT / "experiments" / "ablations").glob("*.yaml"))
+METHODS = sorted((ROOT / "experiments" / "model").glob("*.yaml"))
+RECIPES = METHODS + sorted((ROOT / "experiments" / "ablations").glob("*.yaml"))
 # DESIGN.md: Prompt Switch, CLIP2Video, STAN and CLIP4Clip (meanP, seqTransf) are fusion-free;
 # X-CLIP, X-Pool, GLCCL and CLIP4Clip tightTransf are text-conditioned
 FUSION_FREE = {
@@ -32,7 +36,7 @@ def test_fit_then_test_on_generated_data(tmp_path):
         "--config", str(ROOT / "experiments/trainer/cpu.yaml"),
         "--data.root", str(tmp_path / "synthetic"),
         "--data.synthetic_num_train", "16", "--data.synthetic_num_val", "8", "--data.synthetic_num_test", "8",
-        "--data.batch_size", "8", "--data.num_frames", "4",
+        "--data.batch_size", "8",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.enable_progress_bar", "false",
     ]
@@ -46,3 +50,60 @@ def test_fit_then_test_on_generated_data(tmp_path):
     metrics = (tmp_path / "test_runs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     for key in ("test/t2v/R@1", "test/v2t/MnR", "test/static/R@1", "test/temporal/pair_acc"):
         assert key in metrics
+
+
+
+def _print_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _refused(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", METHODS, ids=[p.stem for p in METHODS])
+def test_recipes_set_frames_words_and_backbone_once(recipe):
+    cli = VTRCLI(RetrievalModule, VideoTextDataModule, subclass_mode_model=True, run=False, args=[
+        "--config", str(recipe), "--config", str(ROOT / "experiments/data/synthetic.yaml"),
+        "--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null",
+        "--model.init_args.num_frames", "6", "--model.init_args.max_words", "16", "--data.frame_segments", "6"])
+    init = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+    data = cli.datamodule.hparams
+    assert (data.backbone, data.num_frames, data.max_words) == ("vtr-micro", 6, 16)
+    assert (cli.model.clip.name, cli.model.num_frames, cli.model.max_words) == ("vtr-micro", 6, 16)
+    assert cli.datamodule.eval_num_frames == init.get("eval_num_frames", 6)
+
+
+def test_linked_settings_are_refused_on_the_data_side(tmp_path, capsys):
+    seqtransf = str(ROOT / "experiments/model/seqtransf.yaml")
+    err = _refused(capsys, "--config", seqtransf, "--data.num_frames", "8")
+    assert '"data.num_frames" must be given via "model.init_args.num_frames"' in err
+    old = tmp_path / "old_data.yaml"
+    old.write_text("data:\n  dataset: synthetic\n  num_frames: 8\n")
+    err = _refused(capsys, "--config", seqtransf, "--config", str(old))
+    assert f"{old}: data.num_frames=8 contradicts model.init_args.num_frames=12" in err
+    err = _refused(capsys, "--config", str(ROOT / "experiments/model/prompt_switch.yaml"), "--data.eval_num_frames", "6")
+    assert "data.eval_num_frames=6 contradicts model.init_args.eval_num_frames=12" in err
+    micro = ["--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null"]
+    err = _refused(capsys, "--config", str(ROOT / "experiments/model/xclip.yaml"), *micro, "--data.eval_num_frames", "8")
+    assert "data.eval_num_frames=8 does not fit XCLIP (model.init_args.num_frames=12)" in err
+    err = _refused(capsys, "--config", str(ROOT / "experiments/model/xpool.yaml"), *micro, "--model.init_args.num_frames", "6")
+    assert "model.init_args.num_frames=6 is not a multiple of data.frame_segments=12" in err
+
+
+def test_help_lists_the_tools_and_no_predict(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{fit,validate,test}" in out
+    for tool in ("compare", "bench", "index", "search", "sweep", "pretrain"):
+        assert f"\n  {tool} " in out
+    with pytest.raises(SystemExit):
+        main(["predict"])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 BAD_VIDEO_POLICIES = ("error", "skip")
 _EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+MODEL_SETTINGS = ("backbone", "num_frames", "max_words")
+"""Options the data shares with the model: ``vtr fit`` links them from ``model.init_args``."""
 
 
 def default_cache_dir() -> Path:
@@ -304,6 +306,8 @@ class VideoTextDataModule(LightningDataModule):
         annotations_dir: Folder of the annotation files (real datasets).
         videos_dir: Folder of the video files (real datasets).
         backbone: open_clip model name; used only for the tokenizer and the image size.
+            ``backbone``, ``num_frames`` and ``max_words`` are the model's under ``vtr fit``
+            (linked: ``MODEL_SETTINGS``).
         num_frames: Frames per training clip.
         eval_num_frames: Frames per evaluation clip (default ``num_frames``).
         frame_segments: Segments of the frame sampler (default: one sample per segment);
