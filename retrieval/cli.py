@@ -10,20 +10,24 @@
 What the CLI adds to LightningCLI:
 
 - the data's ``backbone``, ``num_frames`` and ``max_words`` are the model's (linked: set them
-  once, under ``model.init_args``), and so is ``eval_num_frames`` for a method that fixes it.
+  once, under ``model.init_args``), and so is ``eval_num_frames`` for a method that fixes it;
+- each run keeps its ``config.yaml`` in its own folder, beside its logs and checkpoints, and
+  never writes over another run's.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from argparse import RawDescriptionHelpFormatter
+from pathlib import Path
 
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
 from retrieval.module import RetrievalModule
@@ -51,9 +55,39 @@ class _Help(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """``vtr --help`` keeps the tools list as written."""
 
 
+def run_folder(trainer) -> Path:
+    """Where a run's checkpoints, logs and config go: ``save_dir/name/version`` of the first
+    logger (Lightning's rule for checkpoints), ``default_root_dir`` without a logger."""
+    if not trainer.loggers:
+        folder = trainer.default_root_dir
+    else:
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        folder = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    return Path(trainer.strategy.broadcast(folder))
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the run's config in :func:`run_folder` (not the logger's ``save_dir``, where every
+    wandb run would write the same file); an existing one is an error, never overwritten."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        path = run_folder(trainer) / self.config_filename
+        exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
+        if exists:
+            raise RuntimeError(f"{path} holds the config of another run; give this run its own folder "
+                               "(trainer.logger.init_args.save_dir or version)")
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, multifile=self.multifile)
+        self.already_saved = True
+
+
 class VTRCLI(LightningCLI):
     """LightningCLI with vtr's defaults: CSV logs under ``runs/``, selection on validation R@1,
-    the model's shapes linked into the data."""
+    the model's shapes linked into the data, a config file in each run's folder."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -137,7 +171,7 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
         VideoTextDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfig,
         parser_kwargs={"prog": "vtr", "description": DESCRIPTION, "epilog": TOOLS_HELP, "formatter_class": _Help},
         trainer_defaults={
             "callbacks": [

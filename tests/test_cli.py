@@ -1,5 +1,5 @@
-"""`vtr fit` / `vtr test` through LightningCLI on generated data: every recipe YAML builds and the
-model's shapes are linked into the data."""
+"""`vtr fit` / `vtr test` through LightningCLI on generated data: every recipe YAML builds, the
+model's shapes are linked into the data and runs keep their folders."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from retrieval.bench import build_method, read_recipe
-from retrieval.cli import VTRCLI, main
+from retrieval.cli import VTRCLI, lightning_main, main
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import RetrievalModule
 
@@ -107,3 +107,36 @@ def test_help_lists_the_tools_and_no_predict(capsys):
     with pytest.raises(SystemExit):
         main(["predict"])
     assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+def _tiny_run(tmp_path, save_dir, *extra) -> list[str]:
+    """tightTransf (dropout 0.1) on vtr-micro: 40 training clips = 20 pairs, 4 pairs a batch: 5
+    batches an epoch, validated every 2 batches (steps 2, 4, 7, 9, 12); uniform frames."""
+    return [
+        "fit", "--config", str(ROOT / "experiments/model/tighttransf.yaml"),
+        "--config", str(ROOT / "experiments/data/synthetic.yaml"), "--config", str(ROOT / "experiments/trainer/cpu.yaml"),
+        "--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null",
+        "--model.init_args.num_frames", "4", "--model.init_args.num_cross_layers", "1",
+        "--data.root", str(tmp_path / "synthetic"), "--data.synthetic_num_train", "40",
+        "--data.synthetic_num_val", "8", "--data.synthetic_num_test", "8", "--data.batch_size", "8",
+        "--data.train_sampling", "uniform",
+        "--trainer.max_epochs", "3", "--trainer.max_steps", "12", "--trainer.val_check_interval", "2",
+        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
+
+
+def test_every_wandb_run_keeps_its_config_beside_its_checkpoints(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # WandbLogger(offline=True) switches it to offline
+    wandb_yaml = str(ROOT / "experiments/trainer/wandb.yaml")
+    folders = []
+    for _ in range(2):
+        cli = lightning_main(_tiny_run(tmp_path, tmp_path / "runs", "--config", wandb_yaml, "--trainer.max_steps", "2",
+                                       "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")))
+        folders.append(Path(cli.trainer.checkpoint_callback.dirpath).parent)
+        wandb.finish()
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent == tmp_path / "runs" / "vtr"
+    for folder in folders:
+        assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs" / "config.yaml").exists()
