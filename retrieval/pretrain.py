@@ -23,8 +23,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import open_clip
