@@ -12,7 +12,16 @@ What the CLI adds to LightningCLI:
 - the data's ``backbone``, ``num_frames`` and ``max_words`` are the model's (linked: set them
   once, under ``model.init_args``), and so is ``eval_num_frames`` for a method that fixes it;
 - each run keeps its ``config.yaml`` in its own folder, beside its logs and checkpoints, and
-  never writes over another run's.
+  never writes over another run's;
+- ``checkpoints/last.ckpt`` is rewritten at every validation, and ``--ckpt_path last`` is the
+  newest one of a run with the same model and data (an error if there is none). ``fit``
+  continues that run where it stopped, mid-epoch included (``PairBatchSampler`` restores its
+  position, ``RetrievalModule`` the torch random states): with deterministic training frames
+  (``train_sampling: uniform``) the weights end bit-identical to an uninterrupted run; with
+  random frames the batches are the same but some of their frames are drawn anew (Lightning
+  fetches the first resumed batch before the random states are back). Its checkpoints,
+  selection state included, stay in the run's ``checkpoints/``; the resumed part logs to a new
+  folder with its own config (CSVLogger would delete the old metrics).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import os
 import sys
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -87,7 +97,7 @@ class RunConfig(SaveConfigCallback):
 
 class VTRCLI(LightningCLI):
     """LightningCLI with vtr's defaults: CSV logs under ``runs/``, selection on validation R@1,
-    the model's shapes linked into the data, a config file in each run's folder."""
+    the model's shapes linked into the data, runs that keep their folder."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -107,6 +117,8 @@ class VTRCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._refuse_linked_data_settings(config)
         self._link_eval_frames(config)
+        if config.get("ckpt_path") == "last":
+            self._resolve_last(config)
 
     def after_instantiate_classes(self) -> None:
         self._check_eval_frames()
@@ -163,6 +175,74 @@ class VTRCLI(LightningCLI):
         finally:
             model.train(was_training)
 
+    # ------------------------------------------------------------------ --ckpt_path last
+    def _resolve_last(self, config) -> None:
+        """``last`` -> the newest ``last.ckpt`` of a run with this model and data; ``fit`` keeps
+        saving into that run's ``checkpoints/`` (so its selection state is restored too)."""
+        logger = config.trainer.logger
+        if isinstance(logger, list):
+            logger = logger[0] if logger else None
+        root_dir = Path(config.trainer.default_root_dir or os.getcwd())
+        if not logger:
+            path = root_dir / "checkpoints" / "last.ckpt"
+            if not path.is_file():
+                self._error(f"--ckpt_path last: there is no {path}")
+            config.ckpt_path = str(path)
+            return
+        if not hasattr(logger, "class_path"):
+            self._error("--ckpt_path last needs trainer.logger given as class_path + init_args (or no logger)")
+        module, _, name = logger.class_path.rpartition(".")
+        instance = getattr(importlib.import_module(module), name)(**logger.init_args.as_dict())
+        root = Path(instance.save_dir or root_dir) / str(instance.name)
+        current = self._run_sections(config)
+        candidates = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in candidates:
+            saved = path.parents[1] / "config.yaml"
+            if saved.is_file() and _sections(yaml.safe_load(saved.read_text())) == current:
+                break
+        else:
+            self._error(_no_last_message(root, candidates, current))
+        config.ckpt_path = str(path)
+        if self.subcommand == "fit":
+            self._continue_checkpoints(path)
+
+    def _continue_checkpoints(self, path: Path) -> None:
+        """Point vtr's checkpoint callbacks at the folder they saved ``path`` from (the path as
+        Lightning recorded it: it restores a callback's state only into the same ``dirpath``)."""
+        states = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("callbacks", {})
+        dirpath = next((s["dirpath"] for k, s in states.items() if k.startswith("ModelCheckpoint")), str(path.parent))
+        for callback in self.trainer_defaults["callbacks"]:
+            if isinstance(callback, ModelCheckpoint):
+                callback.dirpath = dirpath
+
+    def _run_sections(self, config) -> dict[str, Any]:
+        return _sections(yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False)))
+
+
+def _sections(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: the model and the data sections, flattened."""
+    return _flat({key: config.get(key) for key in ("model", "data")})
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+
+
+def _no_last_message(root: Path, candidates: list[Path], current: dict[str, Any]) -> str:
+    if not candidates:
+        return f"--ckpt_path last: no run under {root} has a last.ckpt to resume (nothing trained yet?)"
+    newest = candidates[0]
+    saved = newest.parents[1] / "config.yaml"
+    if not saved.is_file():
+        return f"--ckpt_path last: {saved} is missing, so {newest} cannot be matched; pass --ckpt_path {newest}"
+    other = _sections(yaml.safe_load(saved.read_text()))
+    differ = sorted(k for k in current.keys() | other.keys() if current.get(k) != other.get(k))
+    shown = ", ".join(f"{k.rstrip('.')}: {other.get(k)!r} there, {current.get(k)!r} here" for k in differ[:4])
+    return (f"--ckpt_path last: no run under {root} has this model and data (the newest, {newest}, differs in "
+            f"{shown}); pass its path as --ckpt_path to resume it anyway")
+
 
 def lightning_main(args: list[str] | None = None) -> VTRCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``)."""
@@ -175,7 +255,10 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
         parser_kwargs={"prog": "vtr", "description": DESCRIPTION, "epilog": TOOLS_HELP, "formatter_class": _Help},
         trainer_defaults={
             "callbacks": [
-                ModelCheckpoint(monitor="val/t2v_R1", mode="max", save_last=True, filename="best-{epoch}-{step}"),
+                ModelCheckpoint(monitor="val/t2v_R1", mode="max", filename="best-{epoch}-{step}"),
+                # the latest state, rewritten at every validation whatever its score (Lightning's
+                # save_last follows the best checkpoint only): what --ckpt_path last resumes
+                ModelCheckpoint(filename="last", enable_version_counter=False),
                 LearningRateMonitor(logging_interval="step"),
             ],
         },

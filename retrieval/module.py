@@ -10,7 +10,8 @@ and optionally ``auxiliary_losses``. Everything else is here and shared: the tra
 (features gathered across ranks with gradients, symmetric InfoNCE, logit-scale clamp),
 evaluation (each video and caption encoded once, gathered with their dataset indices, the
 distributed sampler's padding duplicates dropped, ``score`` applied in gallery chunks,
-metrics split across ranks), parameter groups (CLIP lr vs new-module lr, no decay on norms,
+metrics split across ranks), exact resumption (the torch random states travel in the
+checkpoint and are restored when training restarts), parameter groups (CLIP lr vs new-module lr, no decay on norms,
 biases, embeddings and the logit scale) and the step-wise warmup-cosine schedule.
 
 Training, evaluation, the offline index and the latency benchmark all call the same three
@@ -116,6 +117,7 @@ class RetrievalModule(L.LightningModule):
         self.eval_chunk_size = eval_chunk_size
         self.eval_features: dict[str, tuple[TextFeatures, VideoFeatures, Tensor]] = {}
         self._eval_buffers: dict[str, list] = {"video": [], "text": []}
+        self._rng_to_restore: dict[str, Tensor | list[Tensor]] | None = None
 
     # ------------------------------------------------------------------ the three stages
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
@@ -214,6 +216,25 @@ class RetrievalModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
             self.clip.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    # ------------------------------------------------------------------ exact resumption
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # dropout, DropPath and random frame sampling draw from these: a resumed run must
+        # continue their streams, not restart them from the seed
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # after Lightning has built the loaders (and drawn their seeds), before the first step
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
 
     def configure_optimizers(self):
         clip_ids = {id(p) for p in self.clip.parameters()}

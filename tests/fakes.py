@@ -67,3 +67,14 @@ class FakeVideoText(L.LightningDataModule):
 
     val_dataloader = _eval
     test_dataloader = _eval
+
+
+class Interrupt(L.Callback):
+    """Stops a run with an error after ``after_steps`` optimizer steps, as a crash or a pre-emption would."""
+
+    def __init__(self, after_steps: int) -> None:
+        self.after_steps = after_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.after_steps:
+            raise RuntimeError(f"interrupted after step {trainer.global_step}")

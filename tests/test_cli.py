@@ -1,9 +1,12 @@
 """`vtr fit` / `vtr test` through LightningCLI on generated data: every recipe YAML builds, the
-model's shapes are linked into the data and runs keep their folders."""
+model's shapes are linked into the data, runs keep their folders, and `--ckpt_path last` resumes
+a run exactly."""
 
+import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from retrieval.bench import build_method, read_recipe
@@ -124,6 +127,36 @@ def _tiny_run(tmp_path, save_dir, *extra) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
         *extra,
     ]
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, capsys):
+    whole = lightning_main(_tiny_run(tmp_path, tmp_path / "whole"))
+    runs = tmp_path / "interrupted" / "lightning_logs"
+    assert "no run under" in _refused(capsys, *_tiny_run(tmp_path, tmp_path / "interrupted")[1:], "--ckpt_path", "last")
+    with pytest.raises(RuntimeError, match="interrupted after step 8"):
+        lightning_main(_tiny_run(tmp_path, tmp_path / "interrupted", "--trainer.callbacks+=fakes.Interrupt",
+                                 "--trainer.callbacks.after_steps=8"))
+    last = runs / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (7, 1)  # the validation after epoch 1's 2nd batch
+    assert saved["VideoTextDataModule"] == {"epoch": 1, "batches_done": 2}
+
+    resumed = lightning_main(_tiny_run(tmp_path, tmp_path / "interrupted", "--ckpt_path", "last"))
+    assert resumed.trainer.global_step == whole.trainer.global_step == 12
+    final, expected = resumed.model.state_dict(), whole.model.state_dict()
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    val = {k: float(v) for k, v in whole.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert len(val) == 11 + 3  # the retrieval metrics and val/t2v_R1, plus the synthetic views
+    assert {k: float(v) for k, v in resumed.trainer.callback_metrics.items() if k.startswith("val/")} == val
+    # the resumed part logs beside its own config; the checkpoints stay with the run it continues
+    config = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())
+    assert config["ckpt_path"] == str(last)
+    assert not (runs / "version_1" / "checkpoints").exists()
+    with open(runs / "version_0" / "metrics.csv") as handle:  # the interrupted part's log is kept
+        assert [r["step"] for r in csv.DictReader(handle) if r["val/t2v/R@1"]] == ["1", "3", "6"]
+    best = sorted(p.name for p in (runs / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    assert best == sorted(p.name for p in (tmp_path / "whole/lightning_logs/version_0/checkpoints").glob("best-*.ckpt"))
 
 
 def test_every_wandb_run_keeps_its_config_beside_its_checkpoints(tmp_path, monkeypatch):
