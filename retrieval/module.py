@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
@@ -349,6 +350,19 @@ class RetrievalModule(L.LightningModule):
             metrics = self.evaluate(text, video, caption_video)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
+
+
+class FreezeVisionTower(BaseFinetuning):
+    """CLIP's vision tower frozen for the whole run (CLIP4Clip's ``freeze_layer_num`` at its
+    maximum): a method's own modules, the text tower and what a method places inside the ViT
+    (Prompt Switch's cube and aggregation, STAN's branch) still train. ``vtr compare``'s default;
+    with ``vtr fit``, add it to ``trainer.callbacks`` (``experiments/trainer/cpu-quick.yaml``)."""
+
+    def freeze_before_training(self, pl_module: RetrievalModule) -> None:
+        self.freeze(pl_module.clip.visual)
+
+    def finetune_function(self, pl_module: RetrievalModule, epoch: int, optimizer) -> None:
+        """Never unfrozen."""
 
 
 def frame_products(frames: Tensor, operand: Tensor) -> Tensor:
