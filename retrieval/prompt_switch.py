@@ -41,8 +41,8 @@ Quirks of the official code kept as the default, each with a switch:
 
 - the aggregation attention is named ``clip.vision_model.attn``, so the official name filter
   trains it at the CLIP learning rate (1e-6, not 1e-5). ``aggregation_in_clip_group=True``
-  reproduces this by registering the module inside the CLIP backbone (the shared optimiser
-  groups parameters by membership in ``self.clip``); ``False`` trains it at the new-module lr.
+  reproduces this (:meth:`PromptSwitch.clip_lr_parameters` adds it to the CLIP lr group; it is
+  still a new parameter, counted by ``new_parameters``); ``False`` trains it at the new-module lr.
 - weight decay 0.2 on every parameter (``optim.decay_all``), the prompt cube included.
 
 Third-party slides report batch 128, lr 3e-5 and a N(0, 0.02) cube init; the code's values
@@ -50,6 +50,9 @@ Third-party slides report batch 128, lr 3e-5 and a N(0, 0.02) cube init; the cod
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -287,14 +290,15 @@ class PromptSwitch(RetrievalModule):
         self.aggregation_in_clip_group = aggregation_in_clip_group
         self.drop_duplicate_videos = drop_duplicate_videos
         self.prompt_cube = PromptCube(num_prompts, self.clip.vision_width)
-        aggregation = PromptAggregation(self.clip.vision_width, self.clip.vision_blocks[0].attn.num_heads, num_prompts)
-        (self.clip if aggregation_in_clip_group else self).add_module("prompt_aggregation", aggregation)
+        self.prompt_aggregation = PromptAggregation(
+            self.clip.vision_width, self.clip.vision_blocks[0].attn.num_heads, num_prompts
+        )
         self.captioner = Captioner(self.clip, num_captioner_layers, frequent_word_weight) if use_captioner else None
 
-    @property
-    def aggregation(self) -> PromptAggregation:
-        """The prompt aggregation, wherever its lr group placed it."""
-        return (self.clip if self.aggregation_in_clip_group else self).prompt_aggregation
+    def clip_lr_parameters(self) -> Iterator[nn.Parameter]:
+        """CLIP's parameters, then the aggregation's where the official name filter puts them."""
+        clip = super().clip_lr_parameters()
+        return itertools.chain(clip, self.prompt_aggregation.parameters()) if self.aggregation_in_clip_group else clip
 
     # ------------------------------------------------------------------ text
     def encode_text(self, tokens: Tensor) -> TextFeatures:
@@ -326,7 +330,7 @@ class PromptSwitch(RetrievalModule):
     def frame_features(self, frames: Tensor) -> Tensor:
         """Projected, un-normalised frame features ``[B, T, D]`` after prompt aggregation."""
         x = self.prompted_tokens(frames)  # [B·T, S + Np, W]
-        cls = self.aggregation(x[:, 0], x[:, -self.num_prompts :])  # [B·T, W]
+        cls = self.prompt_aggregation(x[:, 0], x[:, -self.num_prompts :])  # [B·T, W]
         return rearrange(self.clip.project_cls(cls), "(b t) d -> b t d", b=frames.shape[0])
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:

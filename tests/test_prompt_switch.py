@@ -1,6 +1,7 @@
 """Prompt Switch's invariants: the cube and its switch, zero-init aggregation, chunking, the captioner."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -46,23 +47,32 @@ def _count(module):
 def test_parameter_counts_at_vit_b32(vitb32):
     # methods.md: cube 27,648; aggregation MHA(768, 12) ≈ 2.36 M; captioner ≈ 33.8 M (25.3 M of it
     # the vocabulary head). Exact counts pinned; the rounded figures within their last digit.
-    cube, aggregation, captioner = (_count(m) for m in (vitb32.prompt_cube, vitb32.aggregation, vitb32.captioner))
+    cube, aggregation, captioner = (_count(m) for m in (vitb32.prompt_cube, vitb32.prompt_aggregation, vitb32.captioner))
     assert cube == 27_648 == 6 * 6 * 768
-    assert aggregation == 2_362_368 and abs(aggregation - 2.36e6) < 0.01e6
+    assert aggregation == 2_362_368 == 4 * 768 * 768 + 4 * 768  # q, k, v and out projections with biases
     assert captioner == 33_756_416 and abs(captioner - 33.8e6) < 0.1e6
     assert _count(vitb32.captioner.caption_head) == 512 * 49408 + 49408
-    # the aggregation sits in the CLIP lr group (official name filter), so it is not "new"
-    assert sum(p.numel() for p in vitb32.new_parameters()) == cube + captioner
+    # every parameter that is not CLIP's is new, the aggregation included (it trains at the CLIP lr)
+    assert sum(p.numel() for p in vitb32.new_parameters()) == cube + 2_362_368 + captioner
     assert vitb32.prompt_cube.prompts.std().item() == pytest.approx(768**-0.5 * 0.02, rel=0.05)  # ≈ 7.2e-4
     assert torch.equal(vitb32.captioner.caption_head.weight, vitb32.clip.token_embedding.weight)
     assert not vitb32.captioner.caption_head.bias.any()
 
 
-def test_aggregation_lr_group_option():
+@pytest.mark.parametrize("in_clip_group", [True, False])
+def test_aggregation_lr_group_option(in_clip_group):
     model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=6, num_prompts=3,
-                         aggregation_in_clip_group=False)
-    new = {id(p) for p in model.new_parameters()}
-    assert all(id(p) in new for p in model.aggregation.parameters())
+                         aggregation_in_clip_group=in_clip_group)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers reads of it
+    groups = {g["name"]: g for g in model.configure_optimizers()["optimizer"].param_groups}
+    group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
+    aggregation = list(model.prompt_aggregation.parameters())
+    assert len(aggregation) == 4 and {group_of[id(p)] for p in aggregation} == {"clip" if in_clip_group else "new"}
+    assert (groups["clip"]["lr"], groups["new"]["lr"]) == (1e-6, 1e-5)
+    assert {group_of[id(p)] for p in model.clip.parameters()} == {"clip"}
+    assert group_of[id(model.prompt_cube.prompts)] == "new"
+    new = {id(p) for p in model.new_parameters()}  # new whatever its lr
+    assert all(id(p) in new for p in aggregation)
 
 
 def test_recipe_yaml_parses():
@@ -223,7 +233,7 @@ def test_fit_and_test(trainer_kwargs, use_captioner):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
     group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
-    assert group_of[id(model.aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
+    assert group_of[id(model.prompt_aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
     assert group_of[id(model.prompt_cube.prompts)] == "new"
     assert set(groups) == {"clip", "new"}  # decay_all: weight decay on every parameter
     metrics = trainer.test(model, data, verbose=False)[0]
