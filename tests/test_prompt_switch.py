@@ -1,5 +1,6 @@
 """Prompt Switch's invariants: the cube and its switch, zero-init aggregation, chunking, the captioner."""
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,6 +122,43 @@ def test_aggregation_is_zero_initialised(micro):
         assert torch.allclose(micro.frame_features(frames), expected, atol=1e-6)
 
 
+def _official_aggregation(cls, prompts, nf, attn):
+    """float64 restatement of PromptSwitch model/prompt_clip.py ``CLIPVisionTransformer.forward``:
+    ``q = cls.reshape(bs, nf, D)``, ``kv = prompts.reshape(bs, nf * Np, D)``, ``q + MHA(q, kv, kv)``."""
+    n, d = cls.shape
+    heads, bs = attn.num_heads, n // nf
+    w_q, w_k, w_v = attn.in_proj_weight.double().split(d)
+    b_q, b_k, b_v = attn.in_proj_bias.double().split(d)
+    q, kv = cls.double().reshape(bs, nf, d), prompts.double().reshape(bs, -1, d)
+
+    def split_heads(x):
+        return x.reshape(bs, x.shape[1], heads, d // heads).transpose(1, 2)  # [bs, heads, len, d/h]
+
+    query, key, value = split_heads(q @ w_q.T + b_q), split_heads(kv @ w_k.T + b_k), split_heads(kv @ w_v.T + b_v)
+    weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+    out = (weights @ value).transpose(1, 2).reshape(bs, nf, d)
+    out = out @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
+    return (q + out).reshape(n, d)
+
+
+def test_aggregation_groups_by_the_training_frame_count():
+    # nf = 6 training frames, Np = 3: each frame attends over the 18 prompts of its 6-frame group
+    # (two chunks), at evaluation too (12 frames = two groups), as the official code does
+    torch.manual_seed(1)
+    model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=12, num_prompts=3).eval()
+    with torch.no_grad():  # a trained, non-zero output projection
+        model.prompt_aggregation.attn.out_proj.weight.normal_(std=0.3)
+        model.prompt_aggregation.attn.out_proj.bias.normal_(std=0.3)
+        frames, _ = _video(t=12)
+        tokens = model.prompted_tokens(frames)  # [24, S + 3, W]
+        actual = model.frame_features(frames).reshape(24, -1)
+        attn = model.prompt_aggregation.attn
+        by_group = model.clip.project_cls(_official_aggregation(tokens[:, 0], tokens[:, -3:], 6, attn).float())
+        by_chunk = model.clip.project_cls(_official_aggregation(tokens[:, 0], tokens[:, -3:], 3, attn).float())
+    torch.testing.assert_close(actual, by_group, rtol=1e-5, atol=1e-5)
+    assert (actual - by_chunk).abs().max() > 1e-2  # grouping by Np (chunks) gives other features
+
+
 def test_chunks_are_independent():
     model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=12, num_prompts=6).eval()
     frames, mask = _video(t=12)  # 12 test frames = 2 chunks of Np=6
@@ -213,13 +251,16 @@ def test_duplicate_videos_dropped_keeping_the_first():
 def test_clear_errors(micro):
     with pytest.raises(ValueError, match="num_frames=4.*num_prompts=3"):
         PromptSwitch(backbone="vtr-micro", num_frames=4, eval_num_frames=6, num_prompts=3)
-    with pytest.raises(ValueError, match="eval_num_frames=8.*num_prompts=6"):
+    with pytest.raises(ValueError, match="eval_num_frames=8.*num_frames=6"):
         PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=8)
+    with pytest.raises(ValueError, match="eval_num_frames=9.*num_frames=6"):  # a multiple of Np=3, not of nf
+        PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=9, num_prompts=3)
     with pytest.raises(ValueError, match="max_words"):
         PromptSwitch(backbone="vtr-micro", max_words=64)
-    frames, mask = _video(t=4)
-    with pytest.raises(ValueError, match="num_prompts=3"):
-        micro.encode_video(frames, mask)
+    for t in (4, 9):
+        frames, mask = _video(t=t)
+        with pytest.raises(ValueError, match=f"{t} frames.*groups of num_frames=6"):
+            micro.encode_video(frames, mask)
 
 
 @pytest.mark.parametrize("use_captioner", [True, False])
