@@ -288,7 +288,9 @@ class PromptSwitch(RetrievalModule):
         drop_duplicate_videos: bool = True,
     ) -> None:
         if num_prompts < 1 or num_frames % num_prompts:
-            raise ValueError(f"num_frames={num_frames} must be a multiple of num_prompts={num_prompts} (chunks of Np frames)")
+            raise ValueError(
+                f"num_frames={num_frames} must be a multiple of num_prompts={num_prompts} (chunks of Np frames)"
+            )
         if eval_num_frames % num_frames:
             raise ValueError(f"eval_num_frames={eval_num_frames} must be a multiple of num_frames={num_frames}: the "
                              "aggregation groups frames by the training count, as the official code does")

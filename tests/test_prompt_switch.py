@@ -48,7 +48,8 @@ def _count(module):
 def test_parameter_counts_at_vit_b32(vitb32):
     # methods.md: cube 27,648; aggregation MHA(768, 12) ≈ 2.36 M; captioner ≈ 33.8 M (25.3 M of it
     # the vocabulary head). Exact counts pinned; the rounded figures within their last digit.
-    cube, aggregation, captioner = (_count(m) for m in (vitb32.prompt_cube, vitb32.prompt_aggregation, vitb32.captioner))
+    modules = (vitb32.prompt_cube, vitb32.prompt_aggregation, vitb32.captioner)
+    cube, aggregation, captioner = (_count(m) for m in modules)
     assert cube == 27_648 == 6 * 6 * 768
     assert aggregation == 2_362_368 == 4 * 768 * 768 + 4 * 768  # q, k, v and out projections with biases
     assert captioner == 33_756_416 and abs(captioner - 33.8e6) < 0.1e6
