@@ -25,10 +25,11 @@ groups nf consecutive frames, nf being the training ``num_frames`` at evaluation
 official ``CLIPVisionTransformer`` freezes ``nf`` at construction). At the recipe, nf = Np = 6:
 training is one chunk, and a 12-frame test video is two independent 6-frame pseudo-clips. With
 nf = 6 and Np = 3, a group is two chunks and each frame attends over 18 prompts. The data
-layer's sampler (``frame_segments: Np``) orders frames chunk-major so that each chunk spans the
-whole video. Padded frames (``frame_mask`` False) still run through the tower as zeros, and
-so still exchange prompts with their chunk and their group, but are left out of the mean and of
-the captioner's memory.
+layer's sampler (``frame_segments: Np``, ``frame_sampler: prompt_switch``: the official
+``VideoCapture`` indices) orders frames chunk-major so that each chunk spans the whole video.
+Padded frames (``frame_mask`` False) still run through the tower as zeros, and so still exchange
+prompts with their chunk and their group, but are left out of the mean and of the captioner's
+memory.
 
 Differences from the official code, on purpose:
 
