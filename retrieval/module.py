@@ -10,8 +10,9 @@ and optionally ``auxiliary_losses``. Everything else is here and shared: the tra
 (features gathered across ranks with gradients, symmetric InfoNCE, logit-scale clamp),
 evaluation (each video and caption encoded once, gathered with their dataset indices, the
 distributed sampler's padding duplicates dropped, ``score`` applied in gallery chunks,
-metrics split across ranks), parameter groups (CLIP lr vs new-module lr, no decay on norms,
-biases, embeddings and the logit scale) and the step-wise warmup-cosine schedule.
+metrics split across ranks), parameter groups (CLIP lr, from the method's
+``clip_lr_parameters``, vs new-module lr; no decay on norms, biases, embeddings and the logit
+scale) and the step-wise warmup-cosine schedule.
 
 Training, evaluation, the offline index and the latency benchmark all call the same three
 stages: what is timed is what is scored.
@@ -154,9 +155,17 @@ class RetrievalModule(L.LightningModule):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, the backbone {self.clip.name!r} expects {size}x{size}")
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters that are not CLIP's (the new-module learning-rate group)."""
+        """Every parameter that is not CLIP's, whatever learning rate it trains at."""
         clip_ids = {id(p) for p in self.clip.parameters()}
         return (p for p in self.parameters() if id(p) not in clip_ids)
+
+    def clip_lr_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that train at ``optim.clip_lr`` (the rest train at ``optim.lr``).
+
+        CLIP's by default; a method whose official code gives one of its own modules the CLIP
+        learning rate adds it here (Prompt Switch's aggregation).
+        """
+        return self.clip.parameters()
 
     def set_pair_budget(self, eval_chunk_pairs: int | None) -> None:
         """Set ``eval_chunk_pairs`` (a text-conditioned method's argument), refusing a value < 1."""
@@ -216,13 +225,13 @@ class RetrievalModule(L.LightningModule):
             self.clip.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
     def configure_optimizers(self):
-        clip_ids = {id(p) for p in self.clip.parameters()}
+        clip_lr_ids = {id(p) for p in self.clip_lr_parameters()}
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # groups keep the module order of their parameters
             if not p.requires_grad:
                 continue
             no_decay = not self.optim.decay_all and (p.ndim < 2 or "embedding" in name or "logit_scale" in name)
-            groups.setdefault((id(p) in clip_ids, no_decay), []).append(p)
+            groups.setdefault((id(p) in clip_lr_ids, no_decay), []).append(p)
         param_groups = [
             {
                 "params": params,

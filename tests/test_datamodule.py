@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from retrieval.data import synthetic
 from retrieval.data.datamodule import FRAME_CACHE, ClipTransform, PairBatchSampler, VideoTextDataModule
-from retrieval.data.video import VideoDecodeError
+from retrieval.data.video import VideoDecodeError, read_frames
 
 SMALL = {"synthetic_num_train": 24, "synthetic_num_val": 12, "synthetic_num_test": 12}
 
@@ -147,6 +147,10 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         VideoTextDataModule(root=str(root), max_words=64)
     with pytest.raises(ValueError, match="backbone"):
         VideoTextDataModule(root=str(root), backbone="no-such-model")
+    with pytest.raises(ValueError, match="frame_sampler must be one of"):
+        VideoTextDataModule(root=str(root), frame_sampler="uniform")
+    with pytest.raises(ValueError, match=r"'stan'.*segments \(4\) must equal num_frames \(8\)"):
+        VideoTextDataModule(root=str(root), frame_sampler="stan", frame_segments=4)  # random training draw
     with pytest.raises(ValueError, match="known formats"):
         VideoTextDataModule(dataset="kinetics")
     with pytest.raises(ValueError, match="root"):
@@ -187,3 +191,19 @@ def test_frame_cache_gives_the_same_frames_as_decoding(root, frames, segments):
     for a, b in zip(plain.val_dataloader()[0], cached.val_dataloader()[0]):
         assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["frame_mask"], b["frame_mask"])
     assert len(FRAME_CACHE) == cached.num_eval_videos("val")  # each video decoded once
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_frame_sampler_reaches_train_and_eval_frames(root, cache):
+    # Prompt Switch's recipe on a 16-frame synthetic clip (indices by hand in test_video.py)
+    dm = _datamodule(root, num_frames=6, eval_num_frames=12, frame_segments=6, frame_sampler="prompt_switch",
+                     train_sampling="uniform", cache_frames=cache)
+    dm.setup("fit")
+    train_item, video = dm.train_dataloader().dataset[0], next(iter(dm.val_dataloader()[0]))
+    for frames, record, index in (
+        (train_item["frames"], dm.records("train")[int(train_item["video_index"])], [0, 3, 6, 8, 11, 14]),
+        (video["frames"][0], dm.records("val")[0], [0, 2, 5, 8, 10, 13] * 2),
+    ):
+        every = read_frames(record.path, None)[0]
+        assert len(every) == 16
+        torch.testing.assert_close(frames, dm.transform(every[index], np.ones(len(index), dtype=bool)))

@@ -130,6 +130,8 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
         frames = {k: fixed[k] for k in ("num_frames", "eval_num_frames", "frame_segments") if k in fixed}
     else:
         frames = {"num_frames": preset.num_frames}
+    if "frame_sampler" in fixed:  # the official sampler a recipe restates (Prompt Switch, STAN)
+        frames["frame_sampler"] = fixed["frame_sampler"]
     data = VideoTextDataModule(
         dataset="synthetic", root=str(data_root), backbone="vtr-tiny", max_words=preset.max_words, batch_size=preset.batch_size,
         eval_batch_size=128, num_workers=0, cache_frames=True, pair_batches=True, train_sampling=preset.train_sampling,

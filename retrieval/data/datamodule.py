@@ -34,7 +34,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from retrieval.data import synthetic
 from retrieval.data.formats import READERS, VideoRecord, read_split, resolve_video_path
-from retrieval.data.video import SAMPLING_MODES, VideoDecodeError, pad_frames, read_frames, sample_indices
+from retrieval.data.video import (
+    FRAME_SAMPLERS, SAMPLING_MODES, VideoDecodeError, pad_frames, read_frames, sample_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +121,18 @@ class _VideoLoader:
     """
 
     def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform,
-                 cache: bool = False) -> None:
+                 cache: bool = False, sampler: str = "vtr") -> None:
         self.num_frames, self.mode, self.segments, self.transform = num_frames, mode, segments, transform
-        self.cache = cache
+        self.cache, self.sampler = cache, sampler
 
     def __call__(self, record: VideoRecord) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cache:
-            frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments,
+            frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments, sampler=self.sampler,
                                        video_id=record.video_id)
         else:
             video = cached_video(record)
-            frames, mask = pad_frames(video[sample_indices(len(video), self.num_frames, self.mode, self.segments)],
-                                      self.num_frames)
+            index = sample_indices(len(video), self.num_frames, self.mode, self.segments, sampler=self.sampler)
+            frames, mask = pad_frames(video[index], self.num_frames)
         return self.transform(frames, mask), torch.from_numpy(mask)
 
 
@@ -283,7 +285,7 @@ class VideoTextDataModule(LightningDataModule):
       pool, and drops the unreadable ones (each id and the total are logged).
     - ``__getitem__`` (DataLoader workers): PyAV decode of the sampled frames, CLIP
       transform, tokenisation. Training samples frames with ``train_sampling``; evaluation
-      always samples uniformly with ``eval_num_frames``.
+      always samples uniformly with ``eval_num_frames``; both with ``frame_sampler``'s formulas.
 
     Batches (see the module docstring): training yields (video, caption) items; validation
     and test return two loaders, ``[videos, captions]``, so each video is decoded and
@@ -308,6 +310,9 @@ class VideoTextDataModule(LightningDataModule):
         eval_num_frames: Frames per evaluation clip (default ``num_frames``).
         frame_segments: Segments of the frame sampler (default: one sample per segment);
             must divide both frame counts. See ``retrieval.data.video.sample_indices``.
+        frame_sampler: Where the segments and their frames lie: ``vtr`` (real-valued segment
+            bounds), or an official sampler restated, ``prompt_switch`` or ``stan``, which their
+            recipes set. See ``retrieval.data.video.sample_indices``.
         max_words: Token context length, SOT and EOT included.
         batch_size: Training items per batch, per device.
         eval_batch_size: Videos or captions per evaluation batch.
@@ -339,6 +344,7 @@ class VideoTextDataModule(LightningDataModule):
         num_frames: int = 8,
         eval_num_frames: int | None = None,
         frame_segments: int | None = None,
+        frame_sampler: str = "vtr",
         max_words: int = 32,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -362,9 +368,11 @@ class VideoTextDataModule(LightningDataModule):
             raise ValueError(f"on_bad_video must be one of {BAD_VIDEO_POLICIES}; got {on_bad_video!r}")
         if train_sampling not in SAMPLING_MODES:
             raise ValueError(f"train_sampling must be one of {SAMPLING_MODES}; got {train_sampling!r}")
+        if frame_sampler not in FRAME_SAMPLERS:
+            raise ValueError(f"frame_sampler must be one of {FRAME_SAMPLERS}; got {frame_sampler!r}")
         self.eval_num_frames = num_frames if eval_num_frames is None else eval_num_frames
-        for frames in (num_frames, self.eval_num_frames):
-            sample_indices(frames, frames, segments=frame_segments)  # validates the frame_segments
+        for frames, mode in ((num_frames, train_sampling), (self.eval_num_frames, "uniform")):
+            sample_indices(frames, frames, mode, frame_segments, sampler=frame_sampler)  # validates frame_segments
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be positive; got {batch_size}, {eval_batch_size}")
         self.pair_batches = pair_batches and dataset == "synthetic"
@@ -432,7 +440,7 @@ class VideoTextDataModule(LightningDataModule):
                 return record, f"no file {self.videos_dir / record.video_id}.* found"
             try:
                 read_frames(path, self.eval_num_frames, "uniform", self.hparams.frame_segments,
-                            video_id=record.video_id)
+                            sampler=self.hparams.frame_sampler, video_id=record.video_id)
             except VideoDecodeError as error:
                 return record, str(error)
             return VideoRecord(record.video_id, path, record.captions, record.split), None
@@ -520,8 +528,8 @@ class VideoTextDataModule(LightningDataModule):
         return DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        load = _VideoLoader(self.hparams.num_frames, self.hparams.train_sampling,
-                            self.hparams.frame_segments, self.transform, self.hparams.cache_frames)
+        load = _VideoLoader(self.hparams.num_frames, self.hparams.train_sampling, self.hparams.frame_segments,
+                            self.transform, self.hparams.cache_frames, self.hparams.frame_sampler)
         dataset = TrainDataset(self._split("train"), load, self.tokenizer)
         workers = self.hparams.num_workers
         if self.pair_batches:
@@ -535,7 +543,7 @@ class VideoTextDataModule(LightningDataModule):
     def _eval_dataloaders(self, split: str) -> list[DataLoader]:
         data = self._split(split)
         load = _VideoLoader(self.eval_num_frames, "uniform", self.hparams.frame_segments, self.transform,
-                            self.hparams.cache_frames)
+                            self.hparams.cache_frames, self.hparams.frame_sampler)
         size = self.hparams.eval_batch_size
         return [
             self._loader(VideoDataset(data, load), self.hparams.num_workers, batch_size=size),
