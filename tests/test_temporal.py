@@ -44,10 +44,10 @@ def test_seqtransf_is_the_official_temporal_transformer(seq_transf, padded):
     frames, mask = _frames()
     if not padded:
         mask[:] = True
-    heads = seq_transf.blocks[0].attn.num_heads
+    heads, positions = seq_transf.blocks[0].attn.num_heads, seq_transf.frame_position_embeddings.weight
     with torch.no_grad():
         got = seq_transf(frames, mask)
-        expected = official.seq_transf(frames, mask, seq_transf.frame_position_embeddings.weight, seq_transf.blocks, heads)
+        expected = official.seq_transf(frames, mask, positions, seq_transf.blocks, heads)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
