@@ -57,7 +57,8 @@ def test_score_is_the_official_cross_model_without_logit_scale(micro):
                 x = official.transformer(x, cross.blocks, heads, act=official.gelu)
                 first = official.layer_norm(x[:, 0], cross.ln_pool.weight, cross.ln_pool.bias)
                 pooled = official.quick_gelu(first @ cross.dense.weight.T + cross.dense.bias)  # CrossPooler
-                torch.testing.assert_close(got[i, j], (pooled @ dense.weight.T + dense.bias)[0, 0], rtol=1e-12, atol=1e-12)
+                logit = (pooled @ dense.weight.T + dense.bias)[0, 0]  # similarity_dense
+                torch.testing.assert_close(got[i, j], logit, rtol=1e-12, atol=1e-12)
         micro.clip.logit_scale.add_(1.0)
         torch.testing.assert_close(micro.score(text, video), got)  # no logit scale
         micro.clip.logit_scale.sub_(1.0)
