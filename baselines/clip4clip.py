@@ -157,11 +157,12 @@ class TightTransf(RetrievalModule):
     the logit, with **no** logit scale. Only the frame features are cached offline; a query costs
     ≈ (1+T)·4·12·D² ≈ 164 M MACs per video at ViT-B/32, run as ``[Q·N·(1+T), D]`` GEMMs.
 
+    The key-padding mask is laid out per (pair, head), sequence-major, as torch expects: the
+    official ``module_cross.py`` (508ffa3) expands it with ``repeat_interleave(n_head, dim=0)``,
+    as vtr does, and its blocks' LayerNorms use eps 1e-12, as vtr's copies do.
+
     Differences from the official code, on purpose: the official loss is per GPU (no
-    all-gather, b×b pairs per GPU), vtr uses its shared global loss (2·b·B pairs per rank);
-    the key-padding mask is laid out per (pair, head) as torch expects (the official
-    head-major ``repeat`` pairs masks with the wrong sequences when videos in a batch have
-    different lengths).
+    all-gather, b×b pairs per GPU), vtr uses its shared global loss (2·b·B pairs per rank).
 
     Args:
         num_cross_layers: depth of the cross transformer (4, CLIP text blocks 0-3).
