@@ -157,6 +157,7 @@ class CLIP2Video(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP2VIDEO_OPTIM,
@@ -165,7 +166,7 @@ class CLIP2Video(RetrievalModule):
         num_centers: int = 5,
         center_weight: float = 0.5,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         if not 0.0 <= center_weight <= 1.0:
             raise ValueError(f"center_weight={center_weight} must be in [0, 1] (the weight of the global score)")
         if num_centers < 1:

@@ -52,12 +52,13 @@ class MeanPool(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
         eval_chunk_size: int = 1024,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # [Q, D]
@@ -85,13 +86,14 @@ class SeqTransf(MeanPool):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
         eval_chunk_size: int = 1024,
         num_temporal_layers: int = 4,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, quick_gelu, num_frames, max_words, optim, eval_chunk_size)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
 
     def frame_features(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
@@ -180,6 +182,7 @@ class TightTransf(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
@@ -187,7 +190,7 @@ class TightTransf(RetrievalModule):
         num_cross_layers: int = 4,
         dropout: float = 0.1,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.cross = CrossTransformer(self.clip, num_cross_layers, dropout)
         self.similarity_dense = bert_linear(self.clip.embed_dim, 1)
 

@@ -82,6 +82,9 @@ class RetrievalModule(L.LightningModule):
         max_words: text tokens L, SOT and EOT included.
         optim: optimiser and schedule.
         eval_chunk_size: gallery videos (and queries) scored per ``score`` call at evaluation.
+        quick_gelu: the CLIP activation; ``None`` builds the one the weights were trained with
+            (``retrieval.backbone.weights_quick_gelu``). The value built is stored in the
+            hyperparameters, so a checkpoint rebuilt without its weights runs the same one.
     """
 
     offline: bool = False
@@ -101,6 +104,7 @@ class RetrievalModule(L.LightningModule):
         max_words: int = 32,
         optim: OptimConfig = OptimConfig(),
         eval_chunk_size: int = 1024,
+        quick_gelu: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(optim, dict):  # a checkpoint's hparams
@@ -108,7 +112,10 @@ class RetrievalModule(L.LightningModule):
         # checkpoints and logger files keep the recipe as plain data
         self.save_hyperparameters(ignore=["optim"])
         self.save_hyperparameters({**self.hparams, "optim": asdict(optim)})
-        self.clip = CLIPBackbone(backbone, pretrained, max_words)
+        self.clip = CLIPBackbone(backbone, pretrained, max_words, quick_gelu)
+        # the activation actually built, so a rebuild from the checkpoint without the weights
+        # (pretrained=None: tools, ``vtr index``) builds the same one
+        self.hparams["quick_gelu"] = self.clip.quick_gelu
         self.num_frames = num_frames
         self.max_words = max_words
         self.optim = optim

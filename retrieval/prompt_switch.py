@@ -275,6 +275,7 @@ class PromptSwitch(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 6,
         max_words: int = 32,
         optim: OptimConfig = PROMPT_SWITCH_OPTIM,
@@ -295,7 +296,7 @@ class PromptSwitch(RetrievalModule):
         if eval_num_frames % num_frames:
             raise ValueError(f"eval_num_frames={eval_num_frames} must be a multiple of num_frames={num_frames}: the "
                              "aggregation groups frames by the training count, as the official code does")
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.eval_num_frames = eval_num_frames
         self.num_prompts = num_prompts
         self.caption_loss_weight = caption_loss_weight

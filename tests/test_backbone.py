@@ -157,3 +157,16 @@ def test_every_recipe_runs_the_activation_of_its_weights(recipe, no_download):
     assert set(acts.values()) == {QuickGELU}, {n: a for n, a in acts.items() if a is not QuickGELU}
     assert not any(isinstance(m, nn.GELU) for m in model.modules())
     assert model.clip.quick_gelu
+
+
+def test_a_rebuild_without_the_weights_keeps_their_activation(tmp_path):
+    """``vtr index``/``vtr bench`` rebuild a recipe with ``pretrained=None`` and load a checkpoint
+    over it: the activation must still be the one OpenAI's weights were trained with, and a
+    checkpoint's hyperparameters carry the activation built."""
+    recipe = read_recipe(RECIPES[0])["model"]
+    model = build_method(recipe, {"pretrained": None, "num_frames": 2, "max_words": 8})
+    assert model.clip.quick_gelu and set(activations(model).values()) == {QuickGELU}
+    assert model.hparams["quick_gelu"] is True
+    # another backbone, or an explicit activation, is the user's choice and is kept
+    assert not build_method(recipe, {"backbone": "vtr-micro", "pretrained": None}).clip.quick_gelu
+    assert not build_method(recipe, {"pretrained": None, "quick_gelu": False}).clip.quick_gelu

@@ -37,6 +37,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from retrieval.backbone import weights_quick_gelu
 from retrieval.module import RetrievalModule
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,11 @@ def build_method(
         The method in eval mode on the CPU.
     """
     config = copy.deepcopy(model_config)
-    init_args = dict(config.get("init_args") or {})
-    init_args.update(overrides or {})
+    recipe_args = dict(config.get("init_args") or {})
+    init_args = {**recipe_args, **(overrides or {})}
+    if _weights_dropped(recipe_args, init_args):
+        # the checkpoint's weights replace the recipe's: build the activation those were trained with
+        init_args["quick_gelu"] = weights_quick_gelu(recipe_args["backbone"], recipe_args["pretrained"])
     backbone = init_args.get("backbone")
     if backbone is not None and init_args.get("max_words", 0) > context_length(backbone):
         log.warning("max_words=%s exceeds %s's text context: using %s", init_args["max_words"], backbone,
@@ -127,6 +131,14 @@ def build_method(
     if ckpt is not None:
         load_weights(model, ckpt)
     return model.eval()
+
+
+def _weights_dropped(recipe_args: dict[str, Any], init_args: dict[str, Any]) -> bool:
+    """True when the overrides drop the recipe's pretrained weights but keep its backbone and
+    leave the activation unset: the rebuild must still run the weights' activation."""
+    return (init_args.get("pretrained") is None and recipe_args.get("pretrained") is not None
+            and init_args.get("quick_gelu") is None and "backbone" in recipe_args
+            and init_args.get("backbone") == recipe_args["backbone"])
 
 
 def load_weights(model: RetrievalModule, ckpt: str | Path) -> None:
