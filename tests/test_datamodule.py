@@ -1,6 +1,7 @@
 """VideoTextDataModule: batch contract, evaluation maps, pair batches (also under DDP), skip policy."""
 
 import logging
+import random
 
 import numpy as np
 import open_clip
@@ -158,6 +159,24 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         fresh.setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):
         _datamodule(root, batch_size=32).setup("fit")
+    with pytest.raises(ValueError, match=r"data\.val_size=50 applies to \['msrvtt'\].*'synthetic' has its own"):
+        VideoTextDataModule(root=str(root), val_size=50)
+    with pytest.raises(ValueError, match=r"data\.val_size must be at least 1; got 0"):
+        VideoTextDataModule(dataset="msrvtt", root=str(root), val_size=0)
+
+
+def test_msrvtt_folder_smaller_than_the_default_carve(root):
+    """The synthetic root read as MSR-VTT: 24 training ids, too few for the default 450."""
+    msrvtt = {"dataset": "msrvtt", "root": str(root), "batch_size": 8}
+    with pytest.raises(ValueError, match=(r"^data\.val_size=450 but the MSR-VTT train list .*MSRVTT_train\.9k\.csv "
+                                          r"has 24 ids; set data\.val_size between 1 and 23$")):
+        VideoTextDataModule(**msrvtt).setup("fit")
+    dm = VideoTextDataModule(**msrvtt, val_size=6)
+    dm.setup("fit")
+    train, val = ([r.video_id for r in dm.records(split)] for split in ("train", "val"))
+    ids = [f"video{i}" for i in range(24)]
+    assert sorted(train + val) == sorted(ids) and len(val) == 6
+    assert set(val) == set(random.Random(0).sample(sorted(ids), 6))  # seed 0, sorted population
 
 
 def test_skip_policy_drops_and_logs_bad_videos(tmp_path, caplog):

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from retrieval.data import synthetic
-from retrieval.data.formats import READERS, VideoRecord, read_split, resolve_video_path
+from retrieval.data.formats import CARVED_VALIDATION, READERS, VideoRecord, read_split, resolve_video_path
 from retrieval.data.video import SAMPLING_MODES, VideoDecodeError, pad_frames, read_frames, sample_indices
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,9 @@ class VideoTextDataModule(LightningDataModule):
         train_sampling: ``random`` (a random frame per segment slot) or ``uniform``.
         on_bad_video: ``error`` raises on the first unreadable video; ``skip`` drops them at
             setup.
+        val_size: Videos carved from the training list as the validation split, for
+            datasets without one (``msrvtt``; None: 450, the lineage's carve). Seeded, logged,
+            never a test video; at least 1 and fewer than the training list holds.
         pair_batches: Synthetic only (ignored elsewhere): keep both clips of a pair in the
             same training batch, so the partner is an in-batch hard negative.
         cache_frames: Decode every frame of each video once and keep it in memory, then
@@ -345,6 +348,7 @@ class VideoTextDataModule(LightningDataModule):
         num_workers: int = 0,
         train_sampling: str = "random",
         on_bad_video: str = "error",
+        val_size: int | None = None,
         pair_batches: bool = True,
         cache_frames: bool = False,
         synthetic_num_train: int = 4000,
@@ -360,6 +364,11 @@ class VideoTextDataModule(LightningDataModule):
             raise ValueError(f"unknown dataset {dataset!r}; known formats: {sorted(READERS)}")
         if on_bad_video not in BAD_VIDEO_POLICIES:
             raise ValueError(f"on_bad_video must be one of {BAD_VIDEO_POLICIES}; got {on_bad_video!r}")
+        if val_size is not None and dataset not in CARVED_VALIDATION:
+            raise ValueError(f"data.val_size={val_size} applies to {sorted(CARVED_VALIDATION)}, which carve a "
+                             f"validation split from train; {dataset!r} has its own: leave data.val_size unset")
+        if val_size is not None and val_size < 1:
+            raise ValueError(f"data.val_size must be at least 1; got {val_size}")
         if train_sampling not in SAMPLING_MODES:
             raise ValueError(f"train_sampling must be one of {SAMPLING_MODES}; got {train_sampling!r}")
         self.eval_num_frames = num_frames if eval_num_frames is None else eval_num_frames
@@ -417,10 +426,10 @@ class VideoTextDataModule(LightningDataModule):
             self._check_train_size()
 
     def _read(self, split: str) -> list[VideoRecord]:
-        name = self.hparams.dataset
+        name, val_size = self.hparams.dataset, self.hparams.val_size
         if self.hparams.on_bad_video == "error":
-            return read_split(name, self.annotations_dir, split, self.videos_dir)
-        records = read_split(name, self.annotations_dir, split)
+            return read_split(name, self.annotations_dir, split, self.videos_dir, val_size=val_size)
+        records = read_split(name, self.annotations_dir, split, val_size=val_size)
         return self._drop_bad_videos(records, split)
 
     def _drop_bad_videos(self, records: list[VideoRecord], split: str) -> list[VideoRecord]:
