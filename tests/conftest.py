@@ -16,6 +16,14 @@ logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _vtr_cache(tmp_path_factory):
+    """What the code writes under $VTR_CACHE (video probe results, ...) stays in pytest's tmp dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VTR_CACHE", str(tmp_path_factory.mktemp("vtr-cache")))
+        yield
+
+
 @pytest.fixture
 def trainer_kwargs(tmp_path):
     """A Trainer shrunk for tests (lightning-hydra-template style)."""

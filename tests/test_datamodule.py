@@ -1,7 +1,13 @@
 """VideoTextDataModule: batch contract, evaluation maps, pair batches (also under DDP), skip policy."""
 
 import logging
+import os
+import random
+import shutil
+from types import SimpleNamespace
 
+import av
+import lightning as L
 import numpy as np
 import open_clip
 import pytest
@@ -162,23 +168,141 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         fresh.setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):
         _datamodule(root, batch_size=32).setup("fit")
+    with pytest.raises(ValueError, match=r"data\.val_size=50 applies to \['msrvtt'\].*'synthetic' has its own"):
+        VideoTextDataModule(root=str(root), val_size=50)
+    with pytest.raises(ValueError, match=r"data\.val_size must be at least 1; got 0"):
+        VideoTextDataModule(dataset="msrvtt", root=str(root), val_size=0)
+    with pytest.raises(ValueError, match="needs probe_videos=True"):
+        VideoTextDataModule(root=str(root), on_bad_video="skip", probe_videos=False)
+
+
+def test_msrvtt_folder_smaller_than_the_default_carve(root, tmp_path):
+    """The synthetic root read as MSR-VTT: 24 training ids, too few for the default 450."""
+    msrvtt = {"dataset": "msrvtt", "root": str(root), "batch_size": 8}
+    with pytest.raises(ValueError, match=(r"^data\.val_size=450 but the MSR-VTT train list .*MSRVTT_train\.9k\.csv "
+                                          r"has 24 ids; set data\.val_size between 1 and 23$")):
+        VideoTextDataModule(**msrvtt).setup("fit")
+    dm = VideoTextDataModule(**msrvtt, val_size=6)
+    dm.setup("fit")
+    train, val = ([r.video_id for r in dm.records(split)] for split in ("train", "val"))
+    ids = [f"video{i}" for i in range(24)]
+    assert sorted(train + val) == sorted(ids) and len(val) == 6
+    assert set(val) == set(random.Random(0).sample(sorted(ids), 6))  # seed 0, sorted population
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "videos" / "video5.mp4").unlink()
+    missing = r"video5 \(train, .*/copy/videos/video5\.\*\): file not found \(tried .mp4"
+    with pytest.raises(VideoDecodeError, match=missing):
+        VideoTextDataModule(**{**msrvtt, "root": str(copy)}, val_size=6).setup("fit")
+
+
+def _truncate(path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts the containers PyAV opens."""
+    count = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda file, *a, **k: count.append(file) or real_open(file, *a, **k))
+    return count
+
+
+class _Steps(L.LightningModule):
+    """Counts training steps; the probe must stop the run before the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.steps = 0
+
+    def training_step(self, batch, index):
+        self.steps += 1
+        return self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_bad_videos_fail_setup_before_training(tmp_path, trainer_kwargs):
+    root = tmp_path / "bad"
+    dm = _datamodule(root)
+    _truncate(root / "videos" / "video30.mp4")  # val
+    (root / "videos" / "video3.mp4").write_bytes(b"not a video at all")  # train
+    (root / "videos" / "video40.mp4").write_bytes(b"")  # test: not used by fit
+    model = _Steps()
+    with pytest.raises(VideoDecodeError) as error:
+        L.Trainer(**trainer_kwargs, max_steps=2).fit(model, dm)
+    assert model.steps == 0
+    message = str(error.value)
+    assert message.startswith(f"2 unusable videos in {root / 'videos'}: video3 (train), video30 (val)\n")
+    assert f"video30 (val, {root / 'videos' / 'video30.mp4'}): " in message
+    assert "video40" not in message and "on_bad_video=skip" in message
+    with pytest.raises(VideoDecodeError, match=r"^1 unusable video in .*: video40 \(test\)\n"):
+        _datamodule(root).setup("test")
 
 
 def test_skip_policy_drops_and_logs_bad_videos(tmp_path, caplog):
     root = tmp_path / "bad"
-    dm = _datamodule(root)
+    _datamodule(root)
     (root / "videos" / "video25.mp4").write_bytes(b"not a video at all")
-    (root / "videos" / "video30.mp4").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="retrieval.data.datamodule"):
+    _truncate(root / "videos" / "video30.mp4")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.probe"):
         skipping = _datamodule(root, on_bad_video="skip")
         skipping.setup("validate")
     assert [r.video_id for r in skipping.records("val")] == [f"video{i}" for i in range(24, 36) if i not in (25, 30)]
-    assert "video25" in caplog.text and "video30" in caplog.text and "skipped 2 of 12 val videos" in caplog.text
+    assert "skipping val video 'video25'" in caplog.text and "skipping val video 'video30'" in caplog.text
+    assert "skipped 2 of 12 val videos" in caplog.text
     partner = skipping.eval_annotations("val")["video_partner"]
     assert (partner == -1).sum() == 2  # the partners of the dropped clips lost their pair
-    dm.setup("validate")
+    unprobed = _datamodule(root, probe_videos=False)
+    unprobed.setup("validate")  # without the probe the bad file is found by the loader
     with pytest.raises(VideoDecodeError, match="video25"):
-        list(dm.val_dataloader()[0])
+        list(unprobed.val_dataloader()[0])
+
+
+def test_probe_results_are_cached(tmp_path, opens):
+    root = tmp_path / "cached"
+    dm = _datamodule(root)
+    opens.clear()  # the generation's writes
+    dm.setup("fit")
+    assert len(opens) == len(set(opens)) == 36  # each of the 24 train + 12 val videos once
+    opens.clear()
+    _datamodule(root).setup("fit")
+    assert opens == []
+    video = root / "videos" / "video30.mp4"
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    _datamodule(root).setup("fit")
+    assert opens == [str(video)]
+    opens.clear()
+    _truncate(video)
+    with pytest.raises(VideoDecodeError, match="video30"):
+        _datamodule(root).setup("fit")
+    assert opens == [str(video)]
+    opens.clear()
+    _datamodule(root, probe_videos=False).setup("fit")
+    assert opens == []
+
+
+def test_under_ddp_local_rank_zero_probes_first(tmp_path, opens):
+    root = tmp_path / "ddp"
+    events = []
+
+    def trainer(rank):
+        barrier = lambda name: events.append((rank, "barrier", len(opens)))  # noqa: E731
+        strategy = SimpleNamespace(barrier=barrier)
+        return SimpleNamespace(world_size=2, local_rank=rank, global_rank=rank, strategy=strategy)
+
+    for rank in (0, 1):
+        dm = _datamodule(root)
+        dm.trainer = trainer(rank)
+        opens.clear()
+        dm.setup("validate")
+        events.append((rank, "done", len(opens)))
+    assert events == [(0, "barrier", 12), (0, "done", 12), (1, "barrier", 0), (1, "done", 0)]
 
 
 @pytest.mark.parametrize("frames, segments", [(8, None), (12, 6)])

@@ -16,11 +16,9 @@ open_clip's ``[SOT, ..., EOT, 0, ...]``; the token mask is ``tokens != 0``.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +31,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from retrieval.data import synthetic
-from retrieval.data.formats import READERS, VideoRecord, read_split, resolve_video_path
-from retrieval.data.video import (
-    FRAME_SAMPLERS, SAMPLING_MODES, VideoDecodeError, pad_frames, read_frames, sample_indices,
-)
+from retrieval.data.formats import CARVED_VALIDATION, READERS, VideoRecord, read_split
+from retrieval.data.probe import BAD_VIDEO_POLICIES, VideoProbe, apply_policy, cache_file, probe_splits
+from retrieval.data.video import FRAME_SAMPLERS, SAMPLING_MODES, pad_frames, read_frames, sample_indices
 
-log = logging.getLogger(__name__)
-
-BAD_VIDEO_POLICIES = ("error", "skip")
 _EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -280,9 +274,13 @@ class VideoTextDataModule(LightningDataModule):
     - ``prepare_data`` (one process per node): generates the synthetic benchmark into
       ``root`` if it is not already there. Nothing for real datasets.
     - ``setup(stage)`` (every process): reads the annotation records of the splits the stage
-      needs (fit: train + val; validate: val; test/predict: test); with
-      ``on_bad_video="skip"`` it also decodes every video of those splits once, in a thread
-      pool, and drops the unreadable ones (each id and the total are logged).
+      needs (fit: train + val; validate: val; test/predict: test) and probes every video of
+      those splits (``retrieval.data.probe``: container, video stream, frame count or
+      duration, the last frames decode), so a bad file fails here, before training, with
+      every bad id listed (``on_bad_video="skip"``: dropped, each id and the total logged).
+      Results are cached in ``$VTR_CACHE/video_probe/`` by path, size and mtime: a second
+      setup opens no unchanged file. Under DDP one process per node probes first and the
+      others read its results.
     - ``__getitem__`` (DataLoader workers): PyAV decode of the sampled frames, CLIP
       transform, tokenisation. Training samples frames with ``train_sampling``; evaluation
       always samples uniformly with ``eval_num_frames``; both with ``frame_sampler``'s formulas.
@@ -318,8 +316,13 @@ class VideoTextDataModule(LightningDataModule):
         eval_batch_size: Videos or captions per evaluation batch.
         num_workers: DataLoader workers for training and evaluation videos.
         train_sampling: ``random`` (a random frame per segment slot) or ``uniform``.
-        on_bad_video: ``error`` raises on the first unreadable video; ``skip`` drops them at
-            setup.
+        on_bad_video: What the setup probe does with unusable videos: ``error`` raises,
+            listing every bad id; ``skip`` drops them (each id and the total are logged).
+        probe_videos: Probe every video at setup (see above). False opens each video first
+            in a loader, where a bad one stops the run; ``skip`` needs the probe.
+        val_size: Videos carved from the training list as the validation split, for
+            datasets without one (``msrvtt``; None: 450, the lineage's carve). Seeded, logged,
+            never a test video; at least 1 and fewer than the training list holds.
         pair_batches: Synthetic only (ignored elsewhere): keep both clips of a pair in the
             same training batch, so the partner is an in-batch hard negative.
         cache_frames: Decode every frame of each video once and keep it in memory, then
@@ -351,6 +354,8 @@ class VideoTextDataModule(LightningDataModule):
         num_workers: int = 0,
         train_sampling: str = "random",
         on_bad_video: str = "error",
+        probe_videos: bool = True,
+        val_size: int | None = None,
         pair_batches: bool = True,
         cache_frames: bool = False,
         synthetic_num_train: int = 4000,
@@ -366,6 +371,14 @@ class VideoTextDataModule(LightningDataModule):
             raise ValueError(f"unknown dataset {dataset!r}; known formats: {sorted(READERS)}")
         if on_bad_video not in BAD_VIDEO_POLICIES:
             raise ValueError(f"on_bad_video must be one of {BAD_VIDEO_POLICIES}; got {on_bad_video!r}")
+        if on_bad_video == "skip" and not probe_videos:
+            raise ValueError("on_bad_video='skip' drops the videos the setup probe finds bad: "
+                             "it needs probe_videos=True")
+        if val_size is not None and dataset not in CARVED_VALIDATION:
+            raise ValueError(f"data.val_size={val_size} applies to {sorted(CARVED_VALIDATION)}, which carve a "
+                             f"validation split from train; {dataset!r} has its own: leave data.val_size unset")
+        if val_size is not None and val_size < 1:
+            raise ValueError(f"data.val_size must be at least 1; got {val_size}")
         if train_sampling not in SAMPLING_MODES:
             raise ValueError(f"train_sampling must be one of {SAMPLING_MODES}; got {train_sampling!r}")
         if frame_sampler not in FRAME_SAMPLERS:
@@ -418,44 +431,29 @@ class VideoTextDataModule(LightningDataModule):
                 )
             self._pairs = synthetic.pair_info(self.root)
         splits = _STAGE_SPLITS[stage] if stage else ("train", "val", "test")
-        for split in splits:
-            if split not in self._splits:
-                self._splits[split] = SplitData.from_records(self._read(split))
+        records = {split: self._read(split) for split in splits if split not in self._splits}
+        if records and self.hparams.probe_videos:
+            records = apply_policy(self._probe(records), self.hparams.on_bad_video, self.videos_dir)
+        for split, split_records in records.items():
+            self._splits[split] = SplitData.from_records(split_records)
         if "train" in splits:
             self._check_train_size()
 
     def _read(self, split: str) -> list[VideoRecord]:
-        name = self.hparams.dataset
-        if self.hparams.on_bad_video == "error":
-            return read_split(name, self.annotations_dir, split, self.videos_dir)
-        records = read_split(name, self.annotations_dir, split)
-        return self._drop_bad_videos(records, split)
+        """The split's records; with the probe, their paths are resolved by ``_probe``."""
+        videos_dir = None if self.hparams.probe_videos else self.videos_dir
+        return read_split(self.hparams.dataset, self.annotations_dir, split, videos_dir,
+                          val_size=self.hparams.val_size)
 
-    def _drop_bad_videos(self, records: list[VideoRecord], split: str) -> list[VideoRecord]:
-        """Decodes every video once and drops the unreadable ones, logging each and the total."""
-
-        def check(record: VideoRecord) -> tuple[VideoRecord, str | None]:
-            path = resolve_video_path(self.videos_dir, record.video_id)
-            if path is None:
-                return record, f"no file {self.videos_dir / record.video_id}.* found"
-            try:
-                read_frames(path, self.eval_num_frames, "uniform", self.hparams.frame_segments,
-                            sampler=self.hparams.frame_sampler, video_id=record.video_id)
-            except VideoDecodeError as error:
-                return record, str(error)
-            return VideoRecord(record.video_id, path, record.captions, record.split), None
-
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            checked = list(pool.map(check, records))
-        kept = [record for record, error in checked if error is None]
-        for record, error in checked:
-            if error is not None:
-                _warn(f"on_bad_video='skip': skipping {split} video {record.video_id!r}: {error}")
-        if len(kept) < len(records):
-            _warn(f"on_bad_video='skip': skipped {len(records) - len(kept)} of {len(records)} {split} videos")
-        if not kept:
-            raise VideoDecodeError(f"no readable video in the {split} split of {self.videos_dir}")
-        return kept
+    def _probe(self, records: dict[str, list[VideoRecord]]) -> dict[str, list[tuple[VideoRecord, VideoProbe]]]:
+        """Probes every video of ``records``; under DDP each node's local rank 0 fills the cache first."""
+        cache = cache_file(self.videos_dir, default_cache_dir())
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            if trainer.local_rank == 0:
+                probe_splits(records, self.videos_dir, cache, progress=trainer.global_rank == 0)
+            trainer.strategy.barrier("vtr_video_probe")
+        return probe_splits(records, self.videos_dir, cache, progress=rank_zero_only.rank == 0)
 
     def _check_train_size(self) -> None:
         batch_size = self.hparams.batch_size
@@ -557,8 +555,3 @@ class VideoTextDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """``[videos loader, captions loader]`` of the test split."""
         return self._eval_dataloaders("test")
-
-
-@rank_zero_only
-def _warn(message: str) -> None:
-    log.warning(message)

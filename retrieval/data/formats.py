@@ -7,8 +7,9 @@ Each reader turns one split of one dataset into ``(video_id, captions)`` rows;
   every caption from ``MSRVTT_data.json``; test = 1k-A from ``MSRVTT_JSFUSION_test.csv``
   (``key,vid_key,video_id,sentence``; one caption per video in the real file, rows of the
   same video are grouped). MSR-VTT has no validation split: ``val`` is a fixed-seed
-  subset of ``MSRVTT_VAL_SIZE`` videos carved out of the 9k list, and ``train`` /
-  ``train7k`` exclude it, so checkpoints are selected on validation, never on test.
+  subset of ``val_size`` videos (default ``MSRVTT_VAL_SIZE``) carved out of the 9k list
+  (never a test id), and ``train`` / ``train7k`` exclude it, so checkpoints are selected
+  on validation, never on test.
 - ``synthetic``: the generated benchmark (``retrieval.data.synthetic``): train from the 9k
   csv, val from ``MSRVTT_val.csv``, test from the ids of the JSFusion csv; every split takes
   *all* captions of each video from ``MSRVTT_data.json`` (multi-caption evaluation).
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
 MSRVTT_VAL_SIZE = 450
-"""Videos carved out of the MSR-VTT 9k training list as a validation split (5 %)."""
+"""Videos carved out of the MSR-VTT 9k training list as a validation split (5 %) by default."""
 MSRVTT_VAL_SEED = 0
+CARVED_VALIDATION = {"msrvtt": MSRVTT_VAL_SIZE}
+"""Formats without a validation split, and how many training videos they carve for one by default."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,24 @@ def read_msrvtt_captions(path: str | Path) -> dict[str, list[str]]:
     return captions
 
 
-def msrvtt_val_ids(train_ids: list[str]) -> set[str]:
-    """The fixed-seed validation subset carved out of the MSR-VTT 9k training list."""
-    return set(random.Random(MSRVTT_VAL_SEED).sample(sorted(train_ids), MSRVTT_VAL_SIZE))
+def msrvtt_val_ids(train_ids: list[str], val_size: int = MSRVTT_VAL_SIZE, source: str = "list") -> set[str]:
+    """The fixed-seed validation subset carved out of the MSR-VTT 9k training list.
+
+    Args:
+        train_ids: The ids to carve from (test ids already removed).
+        val_size: How many to carve; at least 1 and fewer than ``len(train_ids)``, so
+            training keeps a video.
+        source: The list's file, quoted in the error.
+
+    Raises:
+        ValueError: An impossible ``val_size``, naming the option and both counts.
+    """
+    if val_size < 1 or val_size >= len(train_ids):
+        raise ValueError(
+            f"data.val_size={val_size} but the MSR-VTT train list {source} has {len(train_ids)} ids; "
+            f"set data.val_size between 1 and {len(train_ids) - 1}"
+        )
+    return set(random.Random(MSRVTT_VAL_SEED).sample(sorted(train_ids), val_size))
 
 
 def _with_captions(ids: list[str], captions: dict[str, list[str]], source: Path) -> Rows:
@@ -112,18 +130,25 @@ def _with_captions(ids: list[str], captions: dict[str, list[str]], source: Path)
     return [(video_id, captions[video_id]) for video_id in ids]
 
 
-def _read_msrvtt(annotations_dir: Path, split: str) -> Rows:
+def _read_msrvtt(annotations_dir: Path, split: str, val_size: int | None) -> Rows:
+    test_csv = annotations_dir / "MSRVTT_JSFUSION_test.csv"
     if split == "test":
-        return list(read_jsfusion_csv(annotations_dir / "MSRVTT_JSFUSION_test.csv").items())
+        return list(read_jsfusion_csv(test_csv).items())
     lists = {"train": "MSRVTT_train.9k.csv", "val": "MSRVTT_train.9k.csv", "train7k": "MSRVTT_train.7k.csv"}
     if split not in lists:
         raise ValueError(f"msrvtt has splits {(*lists, 'test')}; got {split!r}")
-    val = msrvtt_val_ids(read_id_list(annotations_dir / "MSRVTT_train.9k.csv"))
+    train_csv = annotations_dir / "MSRVTT_train.9k.csv"
+    train_ids = read_id_list(train_csv)
+    test_ids = set(read_jsfusion_csv(test_csv)) if test_csv.is_file() else set()
+    carvable = [video_id for video_id in train_ids if video_id not in test_ids]
+    overlap = len(train_ids) - len(carvable)
+    source = f"{train_csv} (less its {overlap} test ids)" if overlap else str(train_csv)
+    val = msrvtt_val_ids(carvable, MSRVTT_VAL_SIZE if val_size is None else val_size, source)
     ids = read_id_list(annotations_dir / lists[split])
     if split == "val":
         log.warning(
             "MSR-VTT has no validation split: using %d videos carved from MSRVTT_train.9k.csv "
-            "(seed %d) and excluding them from training", len(val), MSRVTT_VAL_SEED,
+            "(data.val_size, seed %d, no test id) and excluding them from training", len(val), MSRVTT_VAL_SEED,
         )
         ids = [video_id for video_id in ids if video_id in val]
     else:
@@ -132,7 +157,7 @@ def _read_msrvtt(annotations_dir: Path, split: str) -> Rows:
     return _with_captions(ids, read_msrvtt_captions(json_path), json_path)
 
 
-def _read_synthetic(annotations_dir: Path, split: str) -> Rows:
+def _read_synthetic(annotations_dir: Path, split: str, val_size: int | None) -> Rows:
     if split == "test":
         ids = list(read_jsfusion_csv(annotations_dir / "MSRVTT_JSFUSION_test.csv"))
     elif split in ("train", "val"):
@@ -143,7 +168,7 @@ def _read_synthetic(annotations_dir: Path, split: str) -> Rows:
     return _with_captions(ids, read_msrvtt_captions(json_path), json_path)
 
 
-def _read_msvd(annotations_dir: Path, split: str) -> Rows:
+def _read_msvd(annotations_dir: Path, split: str, val_size: int | None) -> Rows:
     if split not in ("train", "val", "test"):
         raise ValueError(f"msvd has splits ('train', 'val', 'test'); got {split!r}")
     ids = read_id_list(annotations_dir / f"{split}_list.txt")
@@ -151,11 +176,13 @@ def _read_msvd(annotations_dir: Path, split: str) -> Rows:
     return _with_captions(ids, json.loads(json_path.read_text()), json_path)
 
 
-READERS: dict[str, Callable[[Path, str], Rows]] = {
+READERS: dict[str, Callable[[Path, str, int | None], Rows]] = {
     "msrvtt": _read_msrvtt,
     "msvd": _read_msvd,
     "synthetic": _read_synthetic,
 }
+"""Reader per format: ``(annotations_dir, split, val_size)`` → rows; ``val_size`` (None: the
+default) is used only by the formats of ``CARVED_VALIDATION``."""
 
 
 def resolve_video_path(videos_dir: str | Path, video_id: str) -> Path | None:
@@ -172,6 +199,8 @@ def read_split(
     annotations_dir: str | Path,
     split: str,
     videos_dir: str | Path | None = None,
+    *,
+    val_size: int | None = None,
 ) -> list[VideoRecord]:
     """Reads one split of a dataset.
 
@@ -180,20 +209,23 @@ def read_split(
         annotations_dir: Folder with the dataset's annotation files.
         split: ``train``, ``val`` or ``test`` (``msrvtt`` also has ``train7k``).
         videos_dir: Folder of the video files; None reads annotations only (``path`` None).
+        val_size: Videos carved from train as validation by the formats of
+            ``CARVED_VALIDATION`` (None: their default); ignored by formats with a
+            validation split of their own.
 
     Returns:
         One record per video, in the annotation file's order.
 
     Raises:
-        ValueError: Unknown format or split, a video without captions, or an empty caption
-            (the message names the video id).
+        ValueError: Unknown format or split, a video without captions, an empty caption
+            (the message names the video id), or a ``val_size`` the train list cannot hold.
         FileNotFoundError: A missing annotation file, or (with ``videos_dir``) a missing
             video file (the message names the id and the expected path).
     """
     if name not in READERS:
         raise ValueError(f"unknown dataset format {name!r}; known formats: {sorted(READERS)}")
     records = []
-    for video_id, captions in READERS[name](Path(annotations_dir), split):
+    for video_id, captions in READERS[name](Path(annotations_dir), split, val_size):
         cleaned = tuple(caption.strip() for caption in captions)
         if not cleaned or not all(cleaned):
             raise ValueError(f"{name} {split}: video {video_id!r} has an empty caption or no caption")
