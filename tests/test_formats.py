@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 from retrieval.data.formats import (
     MSRVTT_VAL_SIZE,
@@ -13,7 +14,7 @@ from retrieval.data.formats import (
     read_split,
 )
 
-ANNOTATIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations"
+ANNOTATIONS = SHARED / "data" / "annotations"
 needs_shared = pytest.mark.skipif(
     not ANNOTATIONS.is_dir(), reason=f"shared annotation files not found at {ANNOTATIONS}"
 )

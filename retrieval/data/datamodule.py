@@ -296,7 +296,7 @@ class VideoTextDataModule(LightningDataModule):
     with the distributed layout (see its docstring).
 
     Args:
-        dataset: Annotation format: ``synthetic``, ``msrvtt`` or ``msvd``.
+        dataset: Annotation format, a key of ``retrieval.data.formats.READERS``.
         root: Dataset folder. Synthetic: where it is generated (default
             ``$VTR_CACHE/synthetic/<parameters>``, ``$VTR_CACHE`` defaulting to
             ``~/.cache/vtr``). Real datasets: the default of ``annotations_dir`` and, with
@@ -427,7 +427,7 @@ class VideoTextDataModule(LightningDataModule):
         """Decodes every video once and drops the unreadable ones, logging each and the total."""
 
         def check(record: VideoRecord) -> tuple[VideoRecord, str | None]:
-            path = resolve_video_path(self.videos_dir, record.video_id)
+            path = resolve_video_path(self.videos_dir, record.video_id, self.hparams.dataset)
             if path is None:
                 return record, f"no file {self.videos_dir / record.video_id}.* found"
             try:
