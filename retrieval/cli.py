@@ -3,7 +3,7 @@
 - ``vtr fit | validate | test | predict``: LightningCLI over any ``RetrievalModule`` subclass
   (swap methods with ``--model.class_path`` or a YAML under ``experiments/model/``) and the one
   ``VideoTextDataModule``. Checkpoints are selected on ``val/t2v_R1``, never on test.
-- ``vtr compare | bench | index | search | sweep``: the framework's tools (``vtr TOOL --help``).
+- ``vtr compare | bench | index | search | sweep | prepare``: the framework's tools (``vtr TOOL --help``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import RetrievalModule
+from retrieval.postprocess import Postprocess
 
 TOOLS = {
     "compare": "retrieval.bench.compare",
@@ -23,13 +24,16 @@ TOOLS = {
     "index": "retrieval.bench.index",
     "search": "retrieval.bench.index",
     "sweep": "retrieval.bench.sweep",
+    "prepare": "retrieval.tools.prepare",
 }
+SUBTOOLS = {("bench", "loader"): "retrieval.bench.loader"}  # `vtr bench loader`: its own module
 
 
 class VTRCLI(LightningCLI):
     """LightningCLI with vtr's defaults: CSV logs under ``runs/``, selection on validation R@1."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Postprocess, "postprocess")  # --postprocess.dsl / .qb_norm: labelled test rows
         parser.set_defaults(
             {
                 "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -58,6 +62,9 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vtr`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if tuple(args[:2]) in SUBTOOLS:
+        importlib.import_module(SUBTOOLS[tuple(args[:2])]).main(args[1:])
+        return
     if args and args[0] in TOOLS:
         importlib.import_module(TOOLS[args[0]]).main(args)
         return

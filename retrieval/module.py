@@ -33,6 +33,7 @@ from retrieval.backbone import CLIPBackbone
 from retrieval.features import Features, TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
 from retrieval.metrics import RetrievalMetrics, pair_metrics, retrieval_metrics
+from retrieval.postprocess import Postprocess
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,9 @@ class RetrievalModule(L.LightningModule):
                                                                    for k in ("caption_kind", "video_partner"))))
         else:
             metrics = self.evaluate(text, video, caption_video)
+        for callback in self.trainer.callbacks:  # DSL / QB-Norm: their own labelled rows, beside the plain ones
+            if isinstance(callback, Postprocess):
+                metrics.update(callback.evaluation_rows(self, stage, text, video, caption_video))
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
 

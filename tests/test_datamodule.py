@@ -168,10 +168,10 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         fresh.setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):
         _datamodule(root, batch_size=32).setup("fit")
-    with pytest.raises(ValueError, match=r"data\.val_size=50 applies to \['msrvtt'\].*'synthetic' has its own"):
+    with pytest.raises(ValueError, match=r"data\.val_size=50 applies to \['activitynet', 'msrvtt', 'msrvtt_7k', 'vatex'\].*'synthetic' has its own"):
         VideoTextDataModule(root=str(root), val_size=50)
-    with pytest.raises(ValueError, match=r"data\.val_size must be at least 1; got 0"):
-        VideoTextDataModule(dataset="msrvtt", root=str(root), val_size=0)
+    with pytest.raises(ValueError, match=r"data\.val_size must be >= 0 \(0: no validation split\); got -1"):
+        VideoTextDataModule(dataset="msrvtt", root=str(root), val_size=-1)
     with pytest.raises(ValueError, match="needs probe_videos=True"):
         VideoTextDataModule(root=str(root), on_bad_video="skip", probe_videos=False)
 
@@ -179,8 +179,8 @@ def test_argument_errors(root, monkeypatch, tmp_path):
 def test_msrvtt_folder_smaller_than_the_default_carve(root, tmp_path):
     """The synthetic root read as MSR-VTT: 24 training ids, too few for the default 450."""
     msrvtt = {"dataset": "msrvtt", "root": str(root), "batch_size": 8}
-    with pytest.raises(ValueError, match=(r"^data\.val_size=450 but the MSR-VTT train list .*MSRVTT_train\.9k\.csv "
-                                          r"has 24 ids; set data\.val_size between 1 and 23$")):
+    with pytest.raises(ValueError, match=(r"^data\.val_size=450 but the msrvtt train list .*MSRVTT_train\.9k\.csv "
+                                          r"has 24 ids; set data\.val_size between 0 \(no validation split\) and 23$")):
         VideoTextDataModule(**msrvtt).setup("fit")
     dm = VideoTextDataModule(**msrvtt, val_size=6)
     dm.setup("fit")

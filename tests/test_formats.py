@@ -6,17 +6,19 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
+from retrieval.data.annotations import carve_validation
 from retrieval.data.formats import (
     MSRVTT_VAL_SIZE,
     VideoRecord,
-    msrvtt_val_ids,
     read_id_list,
+    read_jsfusion_csv,
     read_msrvtt_captions,
     read_split,
 )
 
-ANNOTATIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations"
+ANNOTATIONS = SHARED / "data" / "annotations"
 needs_shared = pytest.mark.skipif(
     not ANNOTATIONS.is_dir(), reason=f"shared annotation files not found at {ANNOTATIONS}"
 )
@@ -64,7 +66,8 @@ def test_msrvtt_val_is_carved_from_train(msrvtt_dir):
 @needs_shared
 def test_msrvtt_default_carve_is_unchanged():
     """The 450 ids carved before val_size existed (recorded at commit dce8ff8)."""
-    val = msrvtt_val_ids(read_id_list(MSRVTT / "MSRVTT_train.9k.csv"))
+    val = carve_validation(read_id_list(MSRVTT / "MSRVTT_train.9k.csv"), MSRVTT_VAL_SIZE, "msrvtt", "9k",
+                           list(read_jsfusion_csv(MSRVTT / "MSRVTT_JSFUSION_test.csv")))
     in_order = sorted(val, key=lambda video_id: int(video_id[5:]))
     assert in_order[:6] == ["video1", "video13", "video19", "video50", "video56", "video62"]
     assert in_order[-3:] == ["video9970", "video9987", "video9988"]
@@ -90,8 +93,8 @@ def _small_msrvtt(root: Path, train_ids: list[str], test_ids: list[str]) -> Path
 
 def test_msrvtt_val_size_larger_than_the_train_list(tmp_path):
     root = _small_msrvtt(tmp_path, [f"video{i}" for i in range(120)], [f"video{i}" for i in range(200, 210)])
-    message = (f"data.val_size=450 but the MSR-VTT train list {root / 'MSRVTT_train.9k.csv'} has 120 ids; "
-               "set data.val_size between 1 and 119")
+    message = (f"data.val_size=450 but the msrvtt train list {root / 'MSRVTT_train.9k.csv'} has 120 ids; "
+               "set data.val_size between 0 (no validation split) and 119")
     with pytest.raises(ValueError) as error:
         read_split("msrvtt", root, "val")
     assert str(error.value) == message
@@ -106,7 +109,7 @@ def test_msrvtt_carve_never_takes_a_test_id(tmp_path):
     root = _small_msrvtt(tmp_path, train_ids, train_ids[:50])
     val = {r.video_id for r in read_split("msrvtt", root, "val", val_size=49)}
     assert val == set(random.Random(0).sample(sorted(train_ids[50:]), 49))
-    with pytest.raises(ValueError, match=r"\(less its 50 test ids\) has 50 ids; set data.val_size between 1 and 49"):
+    with pytest.raises(ValueError, match=r"\(less its 50 test ids\) has 50 ids; set data.val_size between 0 \(no validation split\) and 49"):
         read_split("msrvtt", root, "val", val_size=50)
 
 

@@ -296,7 +296,7 @@ class VideoTextDataModule(LightningDataModule):
     with the distributed layout (see its docstring).
 
     Args:
-        dataset: Annotation format: ``synthetic``, ``msrvtt`` or ``msvd``.
+        dataset: Annotation format, a key of ``retrieval.data.formats.READERS``.
         root: Dataset folder. Synthetic: where it is generated (default
             ``$VTR_CACHE/synthetic/<parameters>``, ``$VTR_CACHE`` defaulting to
             ``~/.cache/vtr``). Real datasets: the default of ``annotations_dir`` and, with
@@ -377,8 +377,8 @@ class VideoTextDataModule(LightningDataModule):
         if val_size is not None and dataset not in CARVED_VALIDATION:
             raise ValueError(f"data.val_size={val_size} applies to {sorted(CARVED_VALIDATION)}, which carve a "
                              f"validation split from train; {dataset!r} has its own: leave data.val_size unset")
-        if val_size is not None and val_size < 1:
-            raise ValueError(f"data.val_size must be at least 1; got {val_size}")
+        if val_size is not None and val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0 (0: no validation split); got {val_size}")
         if train_sampling not in SAMPLING_MODES:
             raise ValueError(f"train_sampling must be one of {SAMPLING_MODES}; got {train_sampling!r}")
         if frame_sampler not in FRAME_SAMPLERS:
@@ -451,9 +451,11 @@ class VideoTextDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             if trainer.local_rank == 0:
-                probe_splits(records, self.videos_dir, cache, progress=trainer.global_rank == 0)
+                probe_splits(records, self.videos_dir, cache, progress=trainer.global_rank == 0,
+                             dataset=self.hparams.dataset)
             trainer.strategy.barrier("vtr_video_probe")
-        return probe_splits(records, self.videos_dir, cache, progress=rank_zero_only.rank == 0)
+        return probe_splits(records, self.videos_dir, cache, progress=rank_zero_only.rank == 0,
+                            dataset=self.hparams.dataset)
 
     def _check_train_size(self) -> None:
         batch_size = self.hparams.batch_size

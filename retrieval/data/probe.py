@@ -211,16 +211,19 @@ def _save(path: Path, fresh: dict[str, list]) -> None:
 
 def probe_splits(
     splits: dict[str, list[VideoRecord]], videos_dir: str | os.PathLike, cache: str | os.PathLike | None,
-    *, progress: bool = True,
+    *, progress: bool = True, dataset: str | None = None,
 ) -> dict[str, list[tuple[VideoRecord, VideoProbe]]]:
     """Finds and probes the video of every record of every split (one pool, one progress bar).
+
+    ``dataset`` names the format whose file names an id may have (DiDeMo keeps its whole id);
+    None tries every format's.
 
     Returns:
         Per split, each record (its ``path`` resolved under ``videos_dir``; a missing file
         keeps None) with its probe.
     """
     located = {
-        split: [VideoRecord(r.video_id, resolve_video_path(videos_dir, r.video_id), r.captions, r.split)
+        split: [VideoRecord(r.video_id, resolve_video_path(videos_dir, r.video_id, dataset), r.captions, r.split)
                 for r in records]
         for split, records in splits.items()
     }
