@@ -146,6 +146,23 @@ def test_clip_transform():
     assert not out[2].any()
 
 
+def test_clip_transform_resizes_as_clip_preprocessing_does():
+    """CLIP's preprocessing resizes the uint8 image with PIL (bicubic), centre-crops, then
+    scales to [0, 1]: the transform agrees to within one uint8 level."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(2, 45, 70, 3), dtype=np.uint8)
+    out = ClipTransform((32, 32))(frames, np.array([True, True]))
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for frame, got in zip(frames, out):
+        image = Image.fromarray(frame).resize((int(70 * 32 / 45), 32), Image.BICUBIC)  # (w, h): short side 32
+        left = (image.width - 32) // 2
+        expected = torch.from_numpy(np.asarray(image.crop((left, 0, left + 32, 32)))).permute(2, 0, 1) / 255
+        assert (got * std + mean - expected).abs().max() <= 1 / 255 + 1e-5
+
+
 def test_argument_errors(root, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"num_frames \(8\).*segments \(3\)"):
         VideoTextDataModule(root=str(root), frame_segments=3)

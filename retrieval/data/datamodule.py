@@ -64,6 +64,12 @@ class ClipTransform:
     """CLIP preprocessing on decoded frames: bicubic resize of the shortest side to the
     model's image size, centre crop, ``OPENAI_DATASET_MEAN/STD`` normalisation.
 
+    The resize runs on the uint8 frames, as CLIP's own preprocessing does (PIL resizes the
+    uint8 image, then ``ToTensor``): antialiased bicubic, rounded back to uint8. It is also
+    about 11x faster than the same resize in float32 (12 frames 320x240 -> 298x224: 9 ms
+    against 103 ms on one thread of this project's CPU), which is most of a clip's cost after
+    decoding (``vtr bench loader``).
+
     Args:
         image_size: ``(height, width)`` of the model input.
     """
@@ -76,16 +82,17 @@ class ClipTransform:
     def __call__(self, frames: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         """uint8 ``[T, H, W, 3]`` + bool ``[T]`` → float32 ``[T, 3, S, S]``; padding stays 0."""
         out = torch.zeros(len(frames), 3, *self.image_size)
-        x = torch.from_numpy(frames[mask]).permute(0, 3, 1, 2).float().div_(255)  # [t, 3, H, W]
+        x = torch.from_numpy(frames[mask]).permute(0, 3, 1, 2)  # uint8 [t, 3, H, W]
         height, width = x.shape[-2:]
         short = max(self.image_size)
         if min(height, width) != short:
             scale = short / min(height, width)
             size = (max(short, int(height * scale)), max(short, int(width * scale)))
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bicubic",
+                              align_corners=False, antialias=True)  # uint8 in, uint8 out (rounded, clamped)
         top = (x.shape[-2] - self.image_size[0]) // 2
         left = (x.shape[-1] - self.image_size[1]) // 2
-        x = x[..., top : top + self.image_size[0], left : left + self.image_size[1]]
+        x = x[..., top : top + self.image_size[0], left : left + self.image_size[1]].float().div_(255)
         out[torch.from_numpy(mask)] = (x - self.mean) / self.std
         return out
 
