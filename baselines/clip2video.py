@@ -31,7 +31,12 @@ Differences from the official code, on purpose:
   CLIP4Clip's (batch 128, 5 epochs, lr 1e-4 new / 1e-7 CLIP, wd 0.2, warmup 10 %, AdamW);
 - any frame count T >= 1 works (odd T: the large-rate branch keeps frames 0, 2, ..., T-1);
 - padded frames follow the code: ``d_t`` is masked by ``f_{t+1}`` inside the difference
-  attention and by ``f_t`` in the interleaved sequence.
+  attention and by ``f_t`` in the interleaved sequence;
+- the key-padding mask is laid out sequence-major (CLIP4Clip's ``repeat_interleave``), the
+  layout torch's attention expects. CLIP2Video's ``module_cross.py`` expands it head-major,
+  ``attn_mask.repeat(n_head, 1, 1)``, so entry ``b·H + h`` gets the mask of sequence
+  ``(b·H + h) mod B``: in a batch of videos of mixed lengths a video attends under another
+  video's mask (padded frames seen, real ones hidden). With equal lengths the two agree.
 
 VATEX uses ``num_centers=7`` (``test/vatex_TAB_TDB.sh``).
 """
@@ -152,6 +157,7 @@ class CLIP2Video(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP2VIDEO_OPTIM,
@@ -160,7 +166,7 @@ class CLIP2Video(RetrievalModule):
         num_centers: int = 5,
         center_weight: float = 0.5,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         if not 0.0 <= center_weight <= 1.0:
             raise ValueError(f"center_weight={center_weight} must be in [0, 1] (the weight of the global score)")
         if num_centers < 1:

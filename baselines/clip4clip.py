@@ -52,12 +52,13 @@ class MeanPool(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
         eval_chunk_size: int = 1024,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # [Q, D]
@@ -85,13 +86,14 @@ class SeqTransf(MeanPool):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
         eval_chunk_size: int = 1024,
         num_temporal_layers: int = 4,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, quick_gelu, num_frames, max_words, optim, eval_chunk_size)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
 
     def frame_features(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
@@ -157,11 +159,12 @@ class TightTransf(RetrievalModule):
     the logit, with **no** logit scale. Only the frame features are cached offline; a query costs
     ≈ (1+T)·4·12·D² ≈ 164 M MACs per video at ViT-B/32, run as ``[Q·N·(1+T), D]`` GEMMs.
 
+    The key-padding mask is laid out per (pair, head), sequence-major, as torch expects: the
+    official ``module_cross.py`` (508ffa3) expands it with ``repeat_interleave(n_head, dim=0)``,
+    as vtr does, and its blocks' LayerNorms use eps 1e-12, as vtr's copies do.
+
     Differences from the official code, on purpose: the official loss is per GPU (no
-    all-gather, b×b pairs per GPU), vtr uses its shared global loss (2·b·B pairs per rank);
-    the key-padding mask is laid out per (pair, head) as torch expects (the official
-    head-major ``repeat`` pairs masks with the wrong sequences when videos in a batch have
-    different lengths).
+    all-gather, b×b pairs per GPU), vtr uses its shared global loss (2·b·B pairs per rank).
 
     Args:
         num_cross_layers: depth of the cross transformer (4, CLIP text blocks 0-3).
@@ -179,6 +182,7 @@ class TightTransf(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = CLIP4CLIP_OPTIM,
@@ -186,7 +190,7 @@ class TightTransf(RetrievalModule):
         num_cross_layers: int = 4,
         dropout: float = 0.1,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.cross = CrossTransformer(self.clip, num_cross_layers, dropout)
         self.similarity_dense = bert_linear(self.clip.embed_dim, 1)
 

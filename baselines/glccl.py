@@ -109,6 +109,7 @@ class GLCCL(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = XCLIP_OPTIM,
@@ -121,7 +122,7 @@ class GLCCL(RetrievalModule):
         mask_padding_words: bool = False,
         mask_padding_frames: bool = False,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.set_pair_budget(eval_chunk_pairs)
         if csc_weight < 0:
             raise ValueError(f"csc_weight must be >= 0, got {csc_weight}")

@@ -159,6 +159,7 @@ class STAN(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = STAN_OPTIM,
@@ -168,7 +169,7 @@ class STAN(RetrievalModule):
         drop_path_rate: float = 0.1,
         use_projection: bool = False,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         blocks = self.clip.vision_blocks
         if not 1 <= num_levels <= len(blocks):
             raise ValueError(f"num_levels={num_levels} must be in [1, {len(blocks)}], the vision depth of {backbone!r}")

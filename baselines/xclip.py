@@ -222,6 +222,7 @@ class XCLIP(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = XCLIP_OPTIM,
@@ -232,7 +233,7 @@ class XCLIP(RetrievalModule):
         mask_padding_words: bool = False,
         mask_padding_frames: bool = False,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.set_pair_budget(eval_chunk_pairs)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
         positions = self.temporal.frame_position_embeddings.num_embeddings

@@ -187,6 +187,7 @@ class XPool(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 12,
         max_words: int = 32,
         optim: OptimConfig = XPOOL_OPTIM,
@@ -194,7 +195,7 @@ class XPool(RetrievalModule):
         eval_chunk_pairs: int | None = 16384,
         dropout: float = 0.3,
     ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.set_pair_budget(eval_chunk_pairs)
         self.pool_frames = TextConditionedPooling(self.clip.embed_dim, dropout)
 

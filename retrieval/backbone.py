@@ -6,6 +6,20 @@ checkpoint path; both go through ``open_clip.create_model``, so users with weigh
 real ones and this repository tests the same code path on tiny configs it registers
 (``retrieval/model_configs/vtr-*.json``).
 
+The activation is the one the weights were trained with. open_clip builds ``ViT-B-32`` with
+``nn.GELU`` whatever the tag and only warns, while OpenAI's weights (and every tag whose
+pretrained config says ``quick_gelu``) were trained with QuickGELU; both CLIP towers and every
+head block copied from them would run the wrong activation (scores move by 1-4.5 % relative).
+``quick_gelu`` (:func:`weights_quick_gelu`) decides it:
+
+- ``None`` (default): a tag gets what its pretrained config says (``openai``: QuickGELU);
+  random init gets what the model config says (``ViT-B-32``, ``vtr-tiny``, ``vtr-micro``: GELU;
+  ``ViT-B-32-quickgelu``: QuickGELU); a local checkpoint records no activation, so the model
+  config decides, unless that name's published weights disagree with it (a ``ViT-B-32`` file
+  may hold OpenAI's QuickGELU weights or LAION's GELU ones): then ``quick_gelu`` must be set;
+- ``True`` / ``False``: that activation; an error where it contradicts the tag's weights or
+  the model name (``-quickgelu`` configs).
+
 What methods use:
 
 - text: :meth:`encode_text` runs the text tower itself at ``L = max_words`` tokens
@@ -30,17 +44,67 @@ from torch import Tensor, nn
 import retrieval  # noqa: F401  (registers vtr's tiny configs with open_clip)
 
 
-def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
-    """Build an open_clip CLIP model by name, with optional weights.
+def weights_quick_gelu(name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> bool:
+    """Whether ``name`` with ``pretrained`` must be built with QuickGELU (else ``nn.GELU``).
+
+    Args:
+        name: a known open_clip model name.
+        pretrained: ``None``, an open_clip pretrained tag, or a local checkpoint path.
+        quick_gelu: ``None`` for what the weights need (module docstring), or the activation
+            asked for.
+
+    Raises:
+        ValueError: ``quick_gelu`` contradicts the tag's weights or the model config, or is
+            ``None`` for a local checkpoint whose model name has weights of both activations.
+    """
+    config = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    if pretrained is not None and not os.path.isfile(pretrained):  # a tag
+        needed = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        if quick_gelu is not None and quick_gelu != needed:
+            raise ValueError(
+                f"quick_gelu={quick_gelu} contradicts the weights: {name!r} {pretrained!r} was trained with "
+                f"{'QuickGELU' if needed else 'GELU'} (open_clip's pretrained config: quick_gelu={needed}); leave "
+                f"quick_gelu unset (None) or set it to {needed}"
+            )
+        choice = needed
+    elif quick_gelu is not None:
+        choice = quick_gelu
+    elif pretrained is None or config:
+        choice = config
+    else:  # a local checkpoint: it records no activation, the model config does unless it is ambiguous
+        quick_tags = [t for t in open_clip.list_pretrained_tags_by_model(name)
+                      if open_clip.get_pretrained_cfg(name, t).get("quick_gelu", False)]
+        if quick_tags:
+            alias = f"{name}-quickgelu"
+            hint = f" (or name the model {alias!r} for QuickGELU weights)" if alias in open_clip.list_models() else ""
+            raise ValueError(
+                f"pretrained={pretrained!r} is a local checkpoint of {name!r}, whose published weights use "
+                f"QuickGELU ({', '.join(quick_tags)}) or GELU (the others), and the file does not say which: "
+                f"set quick_gelu=True or False to the activation it was trained with{hint}"
+            )
+        choice = config
+    if config and not choice:
+        raise ValueError(
+            f"quick_gelu=False contradicts the model config of {name!r}, which is built with QuickGELU; "
+            f"use the name without '-quickgelu' for GELU"
+        )
+    return choice
+
+
+def create_clip(name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> nn.Module:
+    """Build an open_clip CLIP model by name, with optional weights, in the activation they need.
 
     Args:
         name: an open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-32"`` or
             vtr's ``"vtr-tiny"``.
         pretrained: ``None`` for random init, an open_clip pretrained tag, or a path to a local
             checkpoint (a state dict saved with ``torch.save``).
+        quick_gelu: ``None`` for the activation the weights were trained with, or ``True`` /
+            ``False`` (see :func:`weights_quick_gelu`).
 
     Raises:
-        ValueError: unknown model name or pretrained tag, with the known ones listed.
+        ValueError: unknown model name or pretrained tag, with the known ones listed; an
+            activation that contradicts the weights (names ``quick_gelu``).
         FileNotFoundError: ``pretrained`` looks like a path but no file is there.
     """
     if name not in open_clip.list_models():
@@ -51,7 +115,9 @@ def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
             if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
                 raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} for {name!r} does not exist")
             raise ValueError(f"unknown pretrained tag {pretrained!r} for {name!r}; known tags: {tags}")
-    return open_clip.create_model(name, pretrained=pretrained)
+    force = weights_quick_gelu(name, pretrained, quick_gelu)
+    # force_quick_gelu=True on a "-quickgelu" config changes nothing; False leaves the config's GELU
+    return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force)
 
 
 class CLIPBackbone(nn.Module):
@@ -61,11 +127,19 @@ class CLIPBackbone(nn.Module):
         name: open_clip model name.
         pretrained: ``None``, an open_clip tag, or a local checkpoint path.
         max_words: text length ``L`` (SOT + words + EOT + padding); at most the model's context.
+        quick_gelu: ``None`` for the activation the weights were trained with (the tag's
+            pretrained config, the model config), or ``True`` / ``False``; a contradiction with
+            the weights is an error (:func:`weights_quick_gelu`).
+
+    Attributes:
+        quick_gelu: whether both towers (and every block a method copies from them) run QuickGELU.
     """
 
-    def __init__(self, name: str = "vtr-tiny", pretrained: str | None = None, max_words: int = 32) -> None:
+    def __init__(
+        self, name: str = "vtr-tiny", pretrained: str | None = None, max_words: int = 32, quick_gelu: bool | None = None
+    ) -> None:
         super().__init__()
-        clip = create_clip(name, pretrained)
+        clip = create_clip(name, pretrained, quick_gelu)
         visual = clip.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise ValueError(f"{name!r}: vtr needs a ViT vision tower, got {type(visual).__name__}")
@@ -75,6 +149,7 @@ class CLIPBackbone(nn.Module):
         if not 2 <= max_words <= context:
             raise ValueError(f"max_words={max_words} must be in [2, {context}] (the text context of {name!r})")
         self.name, self.max_words = name, max_words
+        self.quick_gelu = weights_quick_gelu(name, pretrained, quick_gelu)
         self.visual = visual
         self.token_embedding = clip.token_embedding
         self.positional_embedding = clip.positional_embedding

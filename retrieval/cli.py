@@ -3,7 +3,7 @@
 - ``vtr fit | validate | test``: LightningCLI over any ``RetrievalModule`` subclass (swap methods
   with ``--model.class_path`` or a YAML under ``experiments/model/``) and the one
   ``VideoTextDataModule``. Checkpoints are selected on ``val/t2v_R1``, never on test.
-- ``vtr compare | bench | index | search | sweep | pretrain``: the framework's tools
+- ``vtr compare | bench | index | search | sweep | prepare | pretrain``: the framework's tools
   (``vtr TOOL --help``). Per-video features of a split are ``vtr index`` (there is no
   ``vtr predict``).
 
@@ -41,6 +41,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
 from retrieval.module import RetrievalModule
+from retrieval.postprocess import Postprocess
 
 TOOLS = {
     "compare": "retrieval.bench.compare",
@@ -48,16 +49,19 @@ TOOLS = {
     "index": "retrieval.bench.index",
     "search": "retrieval.bench.index",
     "sweep": "retrieval.bench.sweep",
+    "prepare": "retrieval.tools.prepare",
     "pretrain": "retrieval.pretrain",
 }
+SUBTOOLS = {("bench", "loader"): "retrieval.bench.loader"}  # `vtr bench loader`: its own module
 DESCRIPTION = ("Train, evaluate and time CLIP-based text-video retrievers. Lightning subcommands: fit, validate, "
                "test (vtr SUBCOMMAND --help); vtr's tools below.")
 TOOLS_HELP = """tools (vtr TOOL --help):
   compare   every method fine-tuned, tested and timed the same way (--preset smoke: a quick check)
-  bench     latency (per-query time against gallery size, beside the compute and read floors) | metrics
+  bench     latency (per-query time against gallery size, beside the compute and read floors) | metrics | loader
   index     encode the videos of a split once: the offline per-video features, written to a file
   search    rank an index's videos for typed queries
   sweep     a local grid of `vtr fit` runs (experiments/sweeps/)
+  prepare   re-encode a video folder as the CLIP4Clip lineage does (3 fps, short side 224)
   pretrain  print the path of the vtr-tiny pretrained on synthetic frames (building it on first use)"""
 
 
@@ -105,6 +109,7 @@ class VTRCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Postprocess, "postprocess")  # --postprocess.dsl / .qb_norm: labelled test rows
         parser.set_defaults(
             {
                 "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -269,6 +274,9 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vtr`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if tuple(args[:2]) in SUBTOOLS:
+        importlib.import_module(SUBTOOLS[tuple(args[:2])]).main(args[1:])
+        return
     if args and args[0] in TOOLS:
         importlib.import_module(TOOLS[args[0]]).main(args)
         return

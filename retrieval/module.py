@@ -11,8 +11,9 @@ and optionally ``auxiliary_losses``. Everything else is here and shared: the tra
 evaluation (each video and caption encoded once, gathered with their dataset indices, the
 distributed sampler's padding duplicates dropped, ``score`` applied in gallery chunks,
 metrics split across ranks), exact resumption (the torch random states travel in the
-checkpoint and are restored when training restarts), parameter groups (CLIP lr vs new-module lr, no decay on norms,
-biases, embeddings and the logit scale) and the step-wise warmup-cosine schedule.
+checkpoint and are restored when training restarts), parameter groups (CLIP lr, from the
+method's ``clip_lr_parameters``, vs new-module lr; no decay on norms, biases, embeddings and
+the logit scale) and the step-wise warmup-cosine schedule.
 
 Training, evaluation, the offline index and the latency benchmark all call the same three
 stages: what is timed is what is scored.
@@ -34,6 +35,7 @@ from retrieval.backbone import CLIPBackbone
 from retrieval.features import Features, TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
 from retrieval.metrics import RetrievalMetrics, pair_metrics, retrieval_metrics
+from retrieval.postprocess import Postprocess
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class RetrievalModule(L.LightningModule):
         max_words: text tokens L, SOT and EOT included.
         optim: optimiser and schedule.
         eval_chunk_size: gallery videos (and queries) scored per ``score`` call at evaluation.
+        quick_gelu: the CLIP activation; ``None`` builds the one the weights were trained with
+            (``retrieval.backbone.weights_quick_gelu``). The value built is stored in the
+            hyperparameters, so a checkpoint rebuilt without its weights runs the same one.
     """
 
     offline: bool = False
@@ -102,6 +107,7 @@ class RetrievalModule(L.LightningModule):
         max_words: int = 32,
         optim: OptimConfig = OptimConfig(),
         eval_chunk_size: int = 1024,
+        quick_gelu: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(optim, dict):  # a checkpoint's hparams
@@ -109,7 +115,10 @@ class RetrievalModule(L.LightningModule):
         # checkpoints and logger files keep the recipe as plain data
         self.save_hyperparameters(ignore=["optim"])
         self.save_hyperparameters({**self.hparams, "optim": asdict(optim)})
-        self.clip = CLIPBackbone(backbone, pretrained, max_words)
+        self.clip = CLIPBackbone(backbone, pretrained, max_words, quick_gelu)
+        # the activation actually built, so a rebuild from the checkpoint without the weights
+        # (pretrained=None: tools, ``vtr index``) builds the same one
+        self.hparams["quick_gelu"] = self.clip.quick_gelu
         self.num_frames = num_frames
         self.max_words = max_words
         self.optim = optim
@@ -157,9 +166,17 @@ class RetrievalModule(L.LightningModule):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, the backbone {self.clip.name!r} expects {size}x{size}")
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters that are not CLIP's (the new-module learning-rate group)."""
+        """Every parameter that is not CLIP's, whatever learning rate it trains at."""
         clip_ids = {id(p) for p in self.clip.parameters()}
         return (p for p in self.parameters() if id(p) not in clip_ids)
+
+    def clip_lr_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that train at ``optim.clip_lr`` (the rest train at ``optim.lr``).
+
+        CLIP's by default; a method whose official code gives one of its own modules the CLIP
+        learning rate adds it here (Prompt Switch's aggregation).
+        """
+        return self.clip.parameters()
 
     def set_pair_budget(self, eval_chunk_pairs: int | None) -> None:
         """Set ``eval_chunk_pairs`` (a text-conditioned method's argument), refusing a value < 1."""
@@ -238,13 +255,13 @@ class RetrievalModule(L.LightningModule):
             self._rng_to_restore = None
 
     def configure_optimizers(self):
-        clip_ids = {id(p) for p in self.clip.parameters()}
+        clip_lr_ids = {id(p) for p in self.clip_lr_parameters()}
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # groups keep the module order of their parameters
             if not p.requires_grad:
                 continue
             no_decay = not self.optim.decay_all and (p.ndim < 2 or "embedding" in name or "logit_scale" in name)
-            groups.setdefault((id(p) in clip_ids, no_decay), []).append(p)
+            groups.setdefault((id(p) in clip_lr_ids, no_decay), []).append(p)
         param_groups = [
             {
                 "params": params,
@@ -348,6 +365,9 @@ class RetrievalModule(L.LightningModule):
                                                                    for k in ("caption_kind", "video_partner"))))
         else:
             metrics = self.evaluate(text, video, caption_video)
+        for callback in self.trainer.callbacks:  # DSL / QB-Norm: their own labelled rows, beside the plain ones
+            if isinstance(callback, Postprocess):
+                metrics.update(callback.evaluation_rows(self, stage, text, video, caption_video))
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
 

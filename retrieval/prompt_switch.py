@@ -13,18 +13,23 @@ dot product per video. What it adds to CLIP:
   back to the un-transposed residual. Frame f attends to LN(P[:, f]) and writes P[f, :], so
   P[p, f] is a dedicated channel from frame p to frame f and every frame's CLS sees the whole
   chunk at every layer, at the cost of Np extra tokens per frame and no new attention weights.
-- **Prompt aggregation**: each frame's CLS attends over the Np² prompts of its chunk through a
-  new multi-head attention whose output projection starts at zero (so the model starts as CLIP),
-  then CLIP's ``ln_post`` and projection; frames are mean-pooled.
+- **Prompt aggregation**: each frame's CLS attends over the nf·Np prompts of its group of nf
+  frames (nf = the training frame count, see below) through a new multi-head attention whose
+  output projection starts at zero (so the model starts as CLIP), then CLIP's ``ln_post`` and
+  projection; frames are mean-pooled.
 - **Auxiliary captioner** (training only): a 2-layer transformer decoder over the projected frame
   features predicts the caption, a weighted token cross-entropy (0.25 on frequent words) × 0.5.
 
-Frames are processed in chunks of Np consecutive frames (train 6 = one chunk, test 12 = two
-independent chunks, as in the official code whose frame count is frozen at the training value).
-The data layer's sampler (``frame_segments: 6``) orders frames chunk-major so that each chunk
-spans the whole video. Padded frames (``frame_mask`` False) still run through the tower as
-zeros, and so still exchange prompts with their chunk, but are left out of the mean and of the
-captioner's memory.
+The vision tower switches prompts within chunks of Np consecutive frames; the aggregation
+groups nf consecutive frames, nf being the training ``num_frames`` at evaluation too (the
+official ``CLIPVisionTransformer`` freezes ``nf`` at construction). At the recipe, nf = Np = 6:
+training is one chunk, and a 12-frame test video is two independent 6-frame pseudo-clips. With
+nf = 6 and Np = 3, a group is two chunks and each frame attends over 18 prompts. The data
+layer's sampler (``frame_segments: Np``, ``frame_sampler: prompt_switch``: the official
+``VideoCapture`` indices) orders frames chunk-major so that each chunk spans the whole video.
+Padded frames (``frame_mask`` False) still run through the tower as zeros, and so still exchange
+prompts with their chunk and their group, but are left out of the mean and of the captioner's
+memory.
 
 Differences from the official code, on purpose:
 
@@ -41,8 +46,8 @@ Quirks of the official code kept as the default, each with a switch:
 
 - the aggregation attention is named ``clip.vision_model.attn``, so the official name filter
   trains it at the CLIP learning rate (1e-6, not 1e-5). ``aggregation_in_clip_group=True``
-  reproduces this by registering the module inside the CLIP backbone (the shared optimiser
-  groups parameters by membership in ``self.clip``); ``False`` trains it at the new-module lr.
+  reproduces this (:meth:`PromptSwitch.clip_lr_parameters` adds it to the CLIP lr group; it is
+  still a new parameter, counted by ``new_parameters``); ``False`` trains it at the new-module lr.
 - weight decay 0.2 on every parameter (``optim.decay_all``), the prompt cube included.
 
 Third-party slides report batch 128, lr 3e-5 and a N(0, 0.02) cube init; the code's values
@@ -50,6 +55,9 @@ Third-party slides report batch 128, lr 3e-5 and a N(0, 0.02) cube init; the cod
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -119,29 +127,31 @@ def prompt_switch_block(block: nn.Module, x: Tensor, num_prompts: int) -> Tensor
 
 
 class PromptAggregation(nn.Module):
-    """Each frame's CLS attends over the Np² prompts of its chunk: CLS + MHA(CLS, P, P).
+    """Each frame's CLS attends over the nf·Np prompts of its group of nf frames: CLS + MHA(CLS, P, P).
 
+    The official code groups by the training frame count nf (``CLIPVisionTransformer.nf``), not
+    by the chunk of Np frames the prompt switch uses; the two agree at its recipe (nf = Np = 6).
     The output projection starts at zero, so at initialisation the module is the identity.
 
     Args:
         width: W.
         num_heads: heads (the vision tower's: 12 at ViT-B/32).
-        num_prompts: Np.
+        group_frames: nf, consecutive frames per group (the training ``num_frames``).
     """
 
-    def __init__(self, width: int, num_heads: int, num_prompts: int) -> None:
+    def __init__(self, width: int, num_heads: int, group_frames: int) -> None:
         super().__init__()
-        self.num_prompts = num_prompts
+        self.group_frames = group_frames
         self.attn = nn.MultiheadAttention(width, num_heads, batch_first=True)
         nn.init.zeros_(self.attn.out_proj.weight)
         nn.init.zeros_(self.attn.out_proj.bias)
 
     def forward(self, cls: Tensor, prompts: Tensor) -> Tensor:
         """``cls [N, W]`` and ``prompts [N, Np, W]`` of the last layer -> aggregated CLS ``[N, W]``."""
-        q = rearrange(cls, "(c f) w -> c f w", f=self.num_prompts)  # [C, Np, W]
-        kv = rearrange(prompts, "(c f) p w -> c (f p) w", f=self.num_prompts)  # [C, Np², W]
+        q = rearrange(cls, "(g f) w -> g f w", f=self.group_frames)  # [G, nf, W]
+        kv = rearrange(prompts, "(g f) p w -> g (f p) w", f=self.group_frames)  # [G, nf·Np, W]
         out = q + self.attn(q, kv, kv, need_weights=False)[0]
-        return rearrange(out, "c f w -> (c f) w")
+        return rearrange(out, "g f w -> (g f) w")
 
 
 # ---------------------------------------------------------------------- auxiliary captioner
@@ -245,8 +255,9 @@ class PromptSwitch(RetrievalModule):
     """Prompt Switch: Prompt Cube in the CLIP vision tower, prompt aggregation, mean pooling.
 
     Args:
-        num_frames: training frames per video (official: 6, one chunk); a multiple of ``num_prompts``.
-        eval_num_frames: evaluation frames (official: 12, two chunks); a multiple of ``num_prompts``.
+        num_frames: training frames per video, nf (official: 6, one chunk); a multiple of
+            ``num_prompts``. The aggregation groups nf frames at evaluation too.
+        eval_num_frames: evaluation frames (official: 12, two groups); a multiple of ``num_frames``.
         num_prompts: Np, frames per chunk and prompts per frame (official: 6).
         use_captioner: train with the auxiliary caption loss (``--loss clip+caption``).
         num_captioner_layers: caption decoder depth (official: 2).
@@ -264,6 +275,7 @@ class PromptSwitch(RetrievalModule):
         self,
         backbone: str = "vtr-tiny",
         pretrained: str | None = None,
+        quick_gelu: bool | None = None,
         num_frames: int = 6,
         max_words: int = 32,
         optim: OptimConfig = PROMPT_SWITCH_OPTIM,
@@ -277,24 +289,29 @@ class PromptSwitch(RetrievalModule):
         aggregation_in_clip_group: bool = True,
         drop_duplicate_videos: bool = True,
     ) -> None:
-        for name, value in (("num_frames", num_frames), ("eval_num_frames", eval_num_frames)):
-            if num_prompts < 1 or value % num_prompts:
-                raise ValueError(f"{name}={value} must be a multiple of num_prompts={num_prompts} (chunks of Np frames)")
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size)
+        if num_prompts < 1 or num_frames % num_prompts:
+            raise ValueError(
+                f"num_frames={num_frames} must be a multiple of num_prompts={num_prompts} (chunks of Np frames)"
+            )
+        if eval_num_frames % num_frames:
+            raise ValueError(f"eval_num_frames={eval_num_frames} must be a multiple of num_frames={num_frames}: the "
+                             "aggregation groups frames by the training count, as the official code does")
+        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
         self.eval_num_frames = eval_num_frames
         self.num_prompts = num_prompts
         self.caption_loss_weight = caption_loss_weight
         self.aggregation_in_clip_group = aggregation_in_clip_group
         self.drop_duplicate_videos = drop_duplicate_videos
         self.prompt_cube = PromptCube(num_prompts, self.clip.vision_width)
-        aggregation = PromptAggregation(self.clip.vision_width, self.clip.vision_blocks[0].attn.num_heads, num_prompts)
-        (self.clip if aggregation_in_clip_group else self).add_module("prompt_aggregation", aggregation)
+        self.prompt_aggregation = PromptAggregation(
+            self.clip.vision_width, self.clip.vision_blocks[0].attn.num_heads, num_frames
+        )
         self.captioner = Captioner(self.clip, num_captioner_layers, frequent_word_weight) if use_captioner else None
 
-    @property
-    def aggregation(self) -> PromptAggregation:
-        """The prompt aggregation, wherever its lr group placed it."""
-        return (self.clip if self.aggregation_in_clip_group else self).prompt_aggregation
+    def clip_lr_parameters(self) -> Iterator[nn.Parameter]:
+        """CLIP's parameters, then the aggregation's where the official name filter puts them."""
+        clip = super().clip_lr_parameters()
+        return itertools.chain(clip, self.prompt_aggregation.parameters()) if self.aggregation_in_clip_group else clip
 
     # ------------------------------------------------------------------ text
     def encode_text(self, tokens: Tensor) -> TextFeatures:
@@ -311,12 +328,6 @@ class PromptSwitch(RetrievalModule):
         Returns:
             ``[B·T, 1 + patches + Np, W]`` last-layer tokens (CLS first, prompts last).
         """
-        t = frames.shape[1]
-        if t % self.num_prompts:
-            raise ValueError(
-                f"{t} frames cannot be split into chunks of num_prompts={self.num_prompts}: num_frames "
-                f"({self.num_frames}) and eval_num_frames ({self.eval_num_frames}) must be multiples of it"
-            )
         x = self.clip.frame_tokens(rearrange(frames, "b t c h w -> (b t) c h w"))  # [B·T, 1 + P, W]
         x = self.prompt_cube(x)  # [B·T, 1 + P + Np, W]
         for block in self.clip.vision_blocks:
@@ -324,9 +335,20 @@ class PromptSwitch(RetrievalModule):
         return x
 
     def frame_features(self, frames: Tensor) -> Tensor:
-        """Projected, un-normalised frame features ``[B, T, D]`` after prompt aggregation."""
+        """Projected, un-normalised frame features ``[B, T, D]`` after prompt aggregation.
+
+        Args:
+            frames: ``[B, T, 3, H, W]``, T a multiple of ``num_frames`` (groups of nf frames, each
+                ``num_frames / num_prompts`` chunks of Np).
+        """
+        t = frames.shape[1]
+        if t % self.num_frames:
+            raise ValueError(
+                f"{t} frames cannot be split into groups of num_frames={self.num_frames} (chunks of "
+                f"num_prompts={self.num_prompts}): eval_num_frames ({self.eval_num_frames}) must be a multiple of it"
+            )
         x = self.prompted_tokens(frames)  # [B·T, S + Np, W]
-        cls = self.aggregation(x[:, 0], x[:, -self.num_prompts :])  # [B·T, W]
+        cls = self.prompt_aggregation(x[:, 0], x[:, -self.num_prompts :])  # [B·T, W]
         return rearrange(self.clip.project_cls(cls), "(b t) d -> b t d", b=frames.shape[0])
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:

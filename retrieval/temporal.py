@@ -4,7 +4,8 @@ SeqTransf, X-CLIP, GLCCL and CLIP2Video all run the same module over per-frame C
 frame position embeddings initialised from CLIP's *text* positional embedding, the first
 ``num_layers`` residual blocks of CLIP's text transformer (copied, then trained separately),
 a key-padding mask and no causal mask, and a residual connection to the input frames
-(ArrowLuo/CLIP4Clip ``modules/modeling.py``, ``sim_header == "seqTransf"``).
+(ArrowLuo/CLIP4Clip ``modules/modeling.py``, ``sim_header == "seqTransf"``). The copied blocks
+take the official blocks' LayerNorm epsilon, 1e-12 (:func:`copy_text_blocks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from retrieval.backbone import CLIPBackbone
 
 MASKED = -1e6  # CLIP4Clip's additive key-padding value
+HEAD_LAYER_NORM_EPS = 1e-12  # CLIP4Clip's until_module.LayerNorm, in every module_cross block
 
 
 def padding_attn_mask(key_mask: Tensor, num_heads: int, num_queries: int | None = None) -> Tensor:
@@ -54,11 +56,20 @@ def mean_pool_normalized(frames: Tensor, mask: Tensor) -> Tensor:
 
 
 def copy_text_blocks(clip: CLIPBackbone, num_layers: int) -> nn.ModuleList:
-    """Independent copies of CLIP's first ``num_layers`` text blocks."""
+    """Independent copies of CLIP's first ``num_layers`` text blocks, with the head blocks' LayerNorm epsilon.
+
+    The official heads are CLIP4Clip's ``module_cross`` blocks (seqTransf, tightTransf, and the
+    X-CLIP, GLCCL and CLIP2Video forks), whose ``until_module.LayerNorm`` has eps 1e-12, loaded
+    with CLIP's text weights; CLIP's own blocks keep 1e-5. The activation is the backbone's.
+    """
     available = len(clip.text_blocks)
     if num_layers > available:
         raise ValueError(f"{num_layers} temporal layers need {num_layers} CLIP text blocks; {clip.name!r} has {available}")
-    return nn.ModuleList(copy.deepcopy(clip.text_blocks[i]) for i in range(num_layers))
+    blocks = nn.ModuleList(copy.deepcopy(clip.text_blocks[i]) for i in range(num_layers))
+    for module in blocks.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = HEAD_LAYER_NORM_EPS
+    return blocks
 
 
 def text_position_embedding(clip: CLIPBackbone) -> nn.Embedding:

@@ -13,7 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
 torch.set_num_threads(min(2, torch.get_num_threads()))
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the shared/ folder beside the checkout (CI), or $VTR_SHARED (a worktree elsewhere)
+SHARED = Path(os.environ.get("VTR_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vtr_cache(tmp_path_factory):
+    """What the code writes under $VTR_CACHE (video probe results, ...) stays in pytest's tmp dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VTR_CACHE", str(tmp_path_factory.mktemp("vtr-cache")))
+        yield
 
 
 @pytest.fixture

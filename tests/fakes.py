@@ -69,6 +69,20 @@ class FakeVideoText(L.LightningDataModule):
     test_dataloader = _eval
 
 
+def t2v_by_hand(model, data: FakeVideoText) -> dict[str, float]:
+    """t2v R@1 and MnR of ``model`` on ``data``, computed apart from the evaluation loop and the metric code.
+
+    Every caption is scored against every video in one ``score`` call; the rank of the positive is
+    1 + the videos scoring strictly higher + the other videos tying with it (DESIGN.md).
+    """
+    model.eval()
+    with torch.no_grad():
+        scores = model.score(model.encode_text(data.tokens), model.encode_video(data.frames, data.frame_mask))
+    positive = scores.gather(1, data.caption_video[:, None])  # [Q, 1]
+    ranks = 1 + (scores > positive).sum(1) + (scores == positive).sum(1) - 1
+    return {"t2v/R@1": 100.0 * (ranks == 1).double().mean().item(), "t2v/MnR": ranks.double().mean().item()}
+
+
 class Interrupt(L.Callback):
     """Stops a run with an error after ``after_steps`` optimizer steps, as a crash or a pre-emption would."""
 

@@ -11,19 +11,21 @@ from torch import Tensor
 import retrieval
 from baselines.clip4clip import MeanPool
 from retrieval.bench import build_method, read_recipe, sweep, tokenize
+from retrieval.bench import latency
 from retrieval.bench.latency import (
     CAPTIONS,
+    BenchSettings,
     LiveTensorBytes,
     MatmulTime,
+    bench_method,
     encode_videos,
     gallery_from,
-    merge_rows,
-    result_filename,
     scorer_floor,
     time_offline,
     time_online,
 )
 from retrieval.bench.latency import main as bench_main
+from retrieval.bench.results import merge_rows, plot_latency, result_filename
 from retrieval.features import TextFeatures, VideoFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +132,21 @@ def test_text_conditioned_floor_counts_einsum_macs():
     assert floor.bandwidth_ms(1000, 64) == pytest.approx(floor.bandwidth_ms(1000) / 64)
 
 
+def test_read_floor_is_one_gallery_read_shared_by_the_query_batch(model, monkeypatch):
+    monkeypatch.setattr(latency, "memory_bandwidth_gbs", lambda device, threads: 2.0)  # known rates
+    monkeypatch.setattr(latency, "matmul_gflops", lambda device, dtype, threads: 100.0)
+    settings = BenchSettings(galleries=(1000,), batches=(1, 64), real_videos=4, offline_batch=2, repeats=1, warmup=0)
+    rows = {row["batch"]: row for row in bench_method("meanpool", read_recipe(MEANPOOL), model, settings)}
+    # vtr-micro MeanPool caches one fp32 embedding of D = 64 per video: 256 B; 1,000 videos = 256,000 B,
+    # read at 2 GB/s = 0.128 ms, once per query batch: 0.128 ms a query at batch 1, 0.128 / 64 = 0.002 at 64
+    assert rows[1]["bytes_per_video"] == 256
+    assert rows[1]["bw_floor_ms"] == pytest.approx(0.128)
+    assert rows[64]["bw_floor_ms"] == pytest.approx(0.002)
+    # compute: 64 MACs a pair x 1,000 videos x 2 FLOP at 100 GFLOP/s = 0.00128 ms a query, at any batch
+    assert rows[1]["floor_ms"] == rows[64]["floor_ms"] == pytest.approx(0.00128)
+    assert rows[64]["ratio_to_floor"] == pytest.approx(rows[64]["score_ms"] / 0.002)  # the larger floor: the read
+
+
 def test_gallery_from_tiles_cyclically_and_refuses_absurd_sizes(model, features):
     gallery = gallery_from(model, features, 14)
     assert len(gallery) == 14
@@ -152,17 +169,37 @@ def test_merge_rows_replaces_rows_with_the_same_key(tmp_path):
     rows = merge_rows(path, [{**key, "gallery": 10, "ms_per_query_median": 2.0}])
     assert len(rows) == 2
     assert [r["ms_per_query_median"] for r in rows if str(r["gallery"]) == "10"] == [2.0]
+    rows = merge_rows(path, [{**key, "backbone": "other", "gallery": 10, "ms_per_query_median": 3.0}])
+    assert len(rows) == 3  # another backbone is another row
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # written through a temporary file, renamed
 
 
-def test_bench_latency_command_writes_csv_and_plot(tmp_path):
+def test_plot_draws_one_line_per_method_and_backbone(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    rows = [{"method": "xclip", "backbone": backbone, "gallery": n, "batch": 1, "ms_per_query_median": ms * n,
+             "ms_per_query_p10": ms * n, "ms_per_query_p90": ms * n, "bw_floor_ms": 1e-4 * n, "bytes_per_video": 2048}
+            for backbone, ms in (("vtr-tiny", 1e-3), ("ViT-B-32", 1e-2)) for n in (1000, 10000)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    path = plot_latency(rows, tmp_path / "latency.png")
+    assert path.stat().st_size > 0
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines["xclip (vtr-tiny)"] == [1.0, 10.0] and lines["xclip (ViT-B-32)"] == [10.0, 100.0]
+
+
+def test_bench_latency_command_writes_csv_and_plot_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
         bench_main(["bench", "latency", "--config", str(MEANPOOL), "--backbone", "vtr-micro", "--gallery", "20", "40",
                     str(10**13), "--batch", "1", "2", "--repeats", "2", "--warmup", "1", "--real-videos", "4",
-                    "--offline-batch", "2", "--threads", "1", "--out", str(tmp_path)])
+                    "--offline-batch", "2", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
-    (path,) = tmp_path.glob("latency_*.csv")
+    assert not (tmp_path / "experiments").exists()  # the committed results are written only when asked
+    (path,) = (tmp_path / "runs" / "bench").glob("latency_*.csv")
     assert path.with_suffix(".png").is_file()
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -174,10 +211,12 @@ def test_bench_latency_command_writes_csv_and_plot(tmp_path):
     assert all(r["note"].startswith("skipped") and r["ms_per_query_median"] == "" for r in skipped)
 
 
-def test_bench_metrics_command_appends(tmp_path, capsys):
-    for _ in range(2):
-        bench_main(["bench", "metrics", "--n", "200", "--repeats", "1", "--out", str(tmp_path)])
-    (path,) = tmp_path.glob("metrics_*.csv")
+def test_bench_metrics_command_appends(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench_main(["bench", "metrics", "--n", "200", "--repeats", "1"])
+    bench_main(["bench", "metrics", "--n", "200", "--repeats", "1", "--out", "runs/bench"])
+    assert not (tmp_path / "experiments").exists()
+    (path,) = (tmp_path / "runs" / "bench").glob("metrics_*.csv")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and float(rows[0]["seconds_median"]) > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from retrieval.bench import build_method, read_recipe
+from retrieval.bench import build_method, read_checkpoint, read_recipe
 from retrieval.cli import VTRCLI, lightning_main, main
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import RetrievalModule
@@ -48,19 +48,18 @@ def test_fit_then_test_on_generated_data(tmp_path):
     version = tmp_path / "runs" / "lightning_logs" / "version_0"
     best = sorted((version / "checkpoints").glob("best-*.ckpt"))
     assert best, "fit saves the checkpoint selected on val/t2v_R1"
+    # the whole checkpoint is tensors and plain data (hparams included): the tools read it weights-only
+    checkpoint = read_checkpoint(best[0])
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["optim"]["lr"] > 0 and hparams["_class_path"] == "baselines.clip4clip.SeqTransf"
+    rebuilt = build_method({"class_path": hparams["_class_path"],
+                            "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}, ckpt=best[0])
+    assert all(torch.equal(t, checkpoint["state_dict"][k]) for k, t in rebuilt.state_dict().items())
     main(["test", "--config", str(version / "config.yaml"), "--ckpt_path", str(best[0]),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "test_runs")])
     metrics = (tmp_path / "test_runs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     for key in ("test/t2v/R@1", "test/v2t/MnR", "test/static/R@1", "test/temporal/pair_acc"):
         assert key in metrics
-
-
-
-def _print_config(capsys, *args) -> dict:
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", *args, "--print_config"])
-    assert exit_.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def _refused(capsys, *args) -> str:

@@ -64,10 +64,13 @@ def test_same_seed_same_accuracy_table(smoke_run, tmp_path, monkeypatch):
     out, rows = smoke_run
     monkeypatch.setenv("VTR_CACHE", str(out / "cache"))
     again = compare.main(["compare", "--preset", "smoke", "--out", str(tmp_path), "--methods-dir", str(METHODS_DIR),
-                          "--methods", "meanpool", "seqtransf"])
+                          "--methods", "meanpool", "seqtransf", "--dsl", "--qb-norm", "--querybank-size", "50"])
     first = {r["method"]: r for r in rows}
-    for row in again:
+    for row in again:  # DSL and QB-Norm add their own columns and leave the plain ones as they were
         assert {k: row[k] for k in ACCURACY} == {k: first[row["method"]][k] for k in ACCURACY}
+        assert all(0.0 <= row[k] <= 100.0 for k in ("t2v+DSL_R@1", "v2t+DSL_R@1", "t2v+QB_R@1"))
+    with open(tmp_path / "results.csv") as handle:
+        assert csv.DictReader(handle).fieldnames[-3:] == ["t2v+DSL_R@1", "v2t+DSL_R@1", "t2v+QB_R@1"]
 
 
 def test_an_earlier_run_is_not_overwritten_unless_asked(smoke_run, capsys):

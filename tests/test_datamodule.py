@@ -1,7 +1,13 @@
 """VideoTextDataModule: batch contract, evaluation maps, pair batches (also under DDP), skip policy."""
 
 import logging
+import os
+import random
+import shutil
+from types import SimpleNamespace
 
+import av
+import lightning as L
 import numpy as np
 import open_clip
 import pytest
@@ -12,7 +18,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from retrieval.data import synthetic
 from retrieval.data.datamodule import FRAME_CACHE, ClipTransform, PairBatchSampler, VideoTextDataModule
-from retrieval.data.video import VideoDecodeError
+from retrieval.data.video import VideoDecodeError, read_frames
 
 SMALL = {"synthetic_num_train": 24, "synthetic_num_val": 12, "synthetic_num_test": 12}
 
@@ -155,6 +161,23 @@ def test_clip_transform():
     assert not out[2].any()
 
 
+def test_clip_transform_resizes_as_clip_preprocessing_does():
+    """CLIP's preprocessing resizes the uint8 image with PIL (bicubic), centre-crops, then
+    scales to [0, 1]: the transform agrees to within one uint8 level."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(2, 45, 70, 3), dtype=np.uint8)
+    out = ClipTransform((32, 32))(frames, np.array([True, True]))
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for frame, got in zip(frames, out):
+        image = Image.fromarray(frame).resize((int(70 * 32 / 45), 32), Image.BICUBIC)  # (w, h): short side 32
+        left = (image.width - 32) // 2
+        expected = torch.from_numpy(np.asarray(image.crop((left, 0, left + 32, 32)))).permute(2, 0, 1) / 255
+        assert (got * std + mean - expected).abs().max() <= 1 / 255 + 1e-5
+
+
 def test_argument_errors(root, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"num_frames \(8\).*segments \(3\)"):
         VideoTextDataModule(root=str(root), frame_segments=3)
@@ -162,6 +185,10 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         VideoTextDataModule(root=str(root), max_words=64)
     with pytest.raises(ValueError, match="backbone"):
         VideoTextDataModule(root=str(root), backbone="no-such-model")
+    with pytest.raises(ValueError, match="frame_sampler must be one of"):
+        VideoTextDataModule(root=str(root), frame_sampler="uniform")
+    with pytest.raises(ValueError, match=r"'stan'.*segments \(4\) must equal num_frames \(8\)"):
+        VideoTextDataModule(root=str(root), frame_sampler="stan", frame_segments=4)  # random training draw
     with pytest.raises(ValueError, match="known formats"):
         VideoTextDataModule(dataset="kinetics")
     with pytest.raises(ValueError, match="root"):
@@ -173,23 +200,141 @@ def test_argument_errors(root, monkeypatch, tmp_path):
         fresh.setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):
         _datamodule(root, batch_size=32).setup("fit")
+    with pytest.raises(ValueError, match=r"data\.val_size=50 applies to \['activitynet', 'msrvtt', 'msrvtt_7k', 'vatex'\].*'synthetic' has its own"):
+        VideoTextDataModule(root=str(root), val_size=50)
+    with pytest.raises(ValueError, match=r"data\.val_size must be >= 0 \(0: no validation split\); got -1"):
+        VideoTextDataModule(dataset="msrvtt", root=str(root), val_size=-1)
+    with pytest.raises(ValueError, match="needs probe_videos=True"):
+        VideoTextDataModule(root=str(root), on_bad_video="skip", probe_videos=False)
+
+
+def test_msrvtt_folder_smaller_than_the_default_carve(root, tmp_path):
+    """The synthetic root read as MSR-VTT: 24 training ids, too few for the default 450."""
+    msrvtt = {"dataset": "msrvtt", "root": str(root), "batch_size": 8}
+    with pytest.raises(ValueError, match=(r"^data\.val_size=450 but the msrvtt train list .*MSRVTT_train\.9k\.csv "
+                                          r"has 24 ids; set data\.val_size between 0 \(no validation split\) and 23$")):
+        VideoTextDataModule(**msrvtt).setup("fit")
+    dm = VideoTextDataModule(**msrvtt, val_size=6)
+    dm.setup("fit")
+    train, val = ([r.video_id for r in dm.records(split)] for split in ("train", "val"))
+    ids = [f"video{i}" for i in range(24)]
+    assert sorted(train + val) == sorted(ids) and len(val) == 6
+    assert set(val) == set(random.Random(0).sample(sorted(ids), 6))  # seed 0, sorted population
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "videos" / "video5.mp4").unlink()
+    missing = r"video5 \(train, .*/copy/videos/video5\.\*\): file not found \(tried .mp4"
+    with pytest.raises(VideoDecodeError, match=missing):
+        VideoTextDataModule(**{**msrvtt, "root": str(copy)}, val_size=6).setup("fit")
+
+
+def _truncate(path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts the containers PyAV opens."""
+    count = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda file, *a, **k: count.append(file) or real_open(file, *a, **k))
+    return count
+
+
+class _Steps(L.LightningModule):
+    """Counts training steps; the probe must stop the run before the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.steps = 0
+
+    def training_step(self, batch, index):
+        self.steps += 1
+        return self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_bad_videos_fail_setup_before_training(tmp_path, trainer_kwargs):
+    root = tmp_path / "bad"
+    dm = _datamodule(root)
+    _truncate(root / "videos" / "video30.mp4")  # val
+    (root / "videos" / "video3.mp4").write_bytes(b"not a video at all")  # train
+    (root / "videos" / "video40.mp4").write_bytes(b"")  # test: not used by fit
+    model = _Steps()
+    with pytest.raises(VideoDecodeError) as error:
+        L.Trainer(**trainer_kwargs, max_steps=2).fit(model, dm)
+    assert model.steps == 0
+    message = str(error.value)
+    assert message.startswith(f"2 unusable videos in {root / 'videos'}: video3 (train), video30 (val)\n")
+    assert f"video30 (val, {root / 'videos' / 'video30.mp4'}): " in message
+    assert "video40" not in message and "on_bad_video=skip" in message
+    with pytest.raises(VideoDecodeError, match=r"^1 unusable video in .*: video40 \(test\)\n"):
+        _datamodule(root).setup("test")
 
 
 def test_skip_policy_drops_and_logs_bad_videos(tmp_path, caplog):
     root = tmp_path / "bad"
-    dm = _datamodule(root)
+    _datamodule(root)
     (root / "videos" / "video25.mp4").write_bytes(b"not a video at all")
-    (root / "videos" / "video30.mp4").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="retrieval.data.datamodule"):
+    _truncate(root / "videos" / "video30.mp4")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.probe"):
         skipping = _datamodule(root, on_bad_video="skip")
         skipping.setup("validate")
     assert [r.video_id for r in skipping.records("val")] == [f"video{i}" for i in range(24, 36) if i not in (25, 30)]
-    assert "video25" in caplog.text and "video30" in caplog.text and "skipped 2 of 12 val videos" in caplog.text
+    assert "skipping val video 'video25'" in caplog.text and "skipping val video 'video30'" in caplog.text
+    assert "skipped 2 of 12 val videos" in caplog.text
     partner = skipping.eval_annotations("val")["video_partner"]
     assert (partner == -1).sum() == 2  # the partners of the dropped clips lost their pair
-    dm.setup("validate")
+    unprobed = _datamodule(root, probe_videos=False)
+    unprobed.setup("validate")  # without the probe the bad file is found by the loader
     with pytest.raises(VideoDecodeError, match="video25"):
-        list(dm.val_dataloader()[0])
+        list(unprobed.val_dataloader()[0])
+
+
+def test_probe_results_are_cached(tmp_path, opens):
+    root = tmp_path / "cached"
+    dm = _datamodule(root)
+    opens.clear()  # the generation's writes
+    dm.setup("fit")
+    assert len(opens) == len(set(opens)) == 36  # each of the 24 train + 12 val videos once
+    opens.clear()
+    _datamodule(root).setup("fit")
+    assert opens == []
+    video = root / "videos" / "video30.mp4"
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    _datamodule(root).setup("fit")
+    assert opens == [str(video)]
+    opens.clear()
+    _truncate(video)
+    with pytest.raises(VideoDecodeError, match="video30"):
+        _datamodule(root).setup("fit")
+    assert opens == [str(video)]
+    opens.clear()
+    _datamodule(root, probe_videos=False).setup("fit")
+    assert opens == []
+
+
+def test_under_ddp_local_rank_zero_probes_first(tmp_path, opens):
+    root = tmp_path / "ddp"
+    events = []
+
+    def trainer(rank):
+        barrier = lambda name: events.append((rank, "barrier", len(opens)))  # noqa: E731
+        strategy = SimpleNamespace(barrier=barrier)
+        return SimpleNamespace(world_size=2, local_rank=rank, global_rank=rank, strategy=strategy)
+
+    for rank in (0, 1):
+        dm = _datamodule(root)
+        dm.trainer = trainer(rank)
+        opens.clear()
+        dm.setup("validate")
+        events.append((rank, "done", len(opens)))
+    assert events == [(0, "barrier", 12), (0, "done", 12), (1, "barrier", 0), (1, "done", 0)]
 
 
 @pytest.mark.parametrize("frames, segments", [(8, None), (12, 6)])
@@ -202,3 +347,19 @@ def test_frame_cache_gives_the_same_frames_as_decoding(root, frames, segments):
     for a, b in zip(plain.val_dataloader()[0], cached.val_dataloader()[0]):
         assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["frame_mask"], b["frame_mask"])
     assert len(FRAME_CACHE) == cached.num_eval_videos("val")  # each video decoded once
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_frame_sampler_reaches_train_and_eval_frames(root, cache):
+    # Prompt Switch's recipe on a 16-frame synthetic clip (indices by hand in test_video.py)
+    dm = _datamodule(root, num_frames=6, eval_num_frames=12, frame_segments=6, frame_sampler="prompt_switch",
+                     train_sampling="uniform", cache_frames=cache)
+    dm.setup("fit")
+    train_item, video = dm.train_dataloader().dataset[0], next(iter(dm.val_dataloader()[0]))
+    for frames, record, index in (
+        (train_item["frames"], dm.records("train")[int(train_item["video_index"])], [0, 3, 6, 8, 11, 14]),
+        (video["frames"][0], dm.records("val")[0], [0, 2, 5, 8, 10, 13] * 2),
+    ):
+        every = read_frames(record.path, None)[0]
+        assert len(every) == 16
+        torch.testing.assert_close(frames, dm.transform(every[index], np.ones(len(index), dtype=bool)))

@@ -1,12 +1,16 @@
-"""``vtr index`` / ``vtr search`` round trip on a tiny generated synthetic test split."""
+"""``vtr index`` / ``vtr search`` round trip on a tiny generated synthetic test split; the
+fingerprint that ties an index to its weights; opening a shared index or checkpoint runs no code."""
 
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from retrieval.bench import build_method, tokenize
+from retrieval.bench import build_method, load_weights, model_fingerprint, tokenize
 from retrieval.bench.index import build_index, load_index, load_indexed_method, main, search
 from retrieval.features import VideoFeatures
 
@@ -25,7 +29,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def meanpool_index(tmp_path_factory, data):
-    out = tmp_path_factory.mktemp("index") / "meanpool.pt"
+    out = tmp_path_factory.mktemp("index") / "meanpool.safetensors"
     return build_index(MEANPOOL, out, data=data, overrides=MICRO)
 
 
@@ -74,7 +78,7 @@ def test_index_refuses_to_overwrite(meanpool_index, data):
 def test_text_conditioned_index_and_search_commands(tmp_path, data, capsys):
     recipe = tmp_path / "framemax.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"class_path": "test_bench.FrameMaxScorer", "init_args": MICRO}}))
-    out = tmp_path / "framemax.pt"
+    out = tmp_path / "framemax.safetensors"
     main(["index", "--config", str(recipe), "--ckpt", "none", "--out", str(out), "--data", *data])
     index = load_index(out)
     assert index["features"]["frames"].shape == (NUM_TEST, 4, 64) and not index["offline"]
@@ -94,3 +98,142 @@ def test_faiss_matches_torch(meanpool_index):
     (exact,), (flat,) = search(index, query, 5, model), search(index, query, 5, model, use_faiss=True)
     assert [h[0] for h in flat] == [h[0] for h in exact]
     assert [h[1] for h in flat] == pytest.approx([h[1] for h in exact], rel=1e-4)
+
+
+# ---------------------------------------------------------------------- the fingerprint
+def _micro_meanpool(seed: int = 0):
+    return build_method({"class_path": "baselines.clip4clip.MeanPool", "init_args": MICRO}, seed=seed)
+
+
+def test_fingerprint_changes_with_every_single_state_dict_tensor():
+    model = _micro_meanpool()
+    base = model_fingerprint(model)
+    assert base.startswith("sha256:") and base == model_fingerprint(_micro_meanpool())  # same build, same hash
+    state = model.state_dict()
+    assert len(state) > 50
+    unchanged = []
+    with torch.no_grad():
+        for name, tensor in state.items():  # views of the model's own tensors
+            flat = tensor.view(-1)
+            old = flat[0].clone()
+            flat[0] = old + 1 if old.isfinite() else 0
+            if model_fingerprint(model) == base:
+                unchanged.append(name)
+            flat[0] = old
+    assert unchanged == []
+    assert model_fingerprint(model) == base
+
+
+def test_fingerprint_sees_weights_whose_sum_is_unchanged():
+    """The old fingerprint, a sum of parameters, took two checkpoints with moved weights for one."""
+    model = _micro_meanpool()
+    base = model_fingerprint(model)
+    with torch.no_grad():
+        weight = model.clip.token_embedding.weight
+        total = weight.double().sum()
+        weight.copy_(weight.flip(0))  # the same numbers in other rows: scores change, the sum does not
+        assert weight.double().sum() == total
+        assert model_fingerprint(model) != base
+
+
+def test_fingerprint_covers_the_recipe():
+    same_weights = build_method({"class_path": "baselines.clip4clip.MeanPool",
+                                 "init_args": {**MICRO, "eval_chunk_size": 7}}, seed=0)
+    assert same_weights.state_dict().keys() == _micro_meanpool().state_dict().keys()
+    assert model_fingerprint(same_weights) != model_fingerprint(_micro_meanpool())
+
+
+@pytest.mark.parametrize("name", ["clip.logit_scale", "last"])
+def test_search_refuses_a_checkpoint_that_differs_in_one_tensor(meanpool_index, tmp_path, name):
+    index = load_index(meanpool_index)
+    state = load_indexed_method(index).state_dict()
+    name = list(state)[-1] if name == "last" else name
+    state[name] = state[name] + 1e-3
+    ckpt = tmp_path / "one_tensor_changed.ckpt"
+    torch.save({"state_dict": state}, ckpt)
+    with pytest.raises(ValueError, match="does not hold the weights"):
+        load_indexed_method(index, ckpt=str(ckpt))
+
+
+# ---------------------------------------------------------------------- the index's checkpoint path
+def test_search_from_another_folder_finds_the_indexs_checkpoint(tmp_path, data, monkeypatch, capsys):
+    (tmp_path / "lab").mkdir()
+    torch.save({"state_dict": _micro_meanpool(seed=3).state_dict()}, tmp_path / "lab" / "model.ckpt")
+    monkeypatch.chdir(tmp_path / "lab")
+    main(["index", "--config", str(MEANPOOL), "--backbone", "vtr-micro", "--ckpt", "model.ckpt",
+          "--out", "out/index.safetensors", "--data", *data])
+    index = load_index("out/index.safetensors")
+    assert index["ckpt"] == os.path.join("..", "model.ckpt")
+    assert index["ckpt_absolute"] == str(tmp_path / "lab" / "model.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["search", "--index", str(tmp_path / "lab" / "out" / "index.safetensors"), "-k", "2", "a big red square"])
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]) == 2
+    (tmp_path / "lab").rename(tmp_path / "moved")  # index and checkpoint moved together: found beside the index
+    assert load_indexed_method(load_index(tmp_path / "moved" / "out" / "index.safetensors")) is not None
+    (tmp_path / "moved" / "model.ckpt").unlink()
+    with pytest.raises(SystemExit, match="neither at .*model.ckpt.* nor at .*model.ckpt.*pass it with --ckpt"):
+        main(["search", "--index", str(tmp_path / "moved" / "out" / "index.safetensors"), "a big red square"])
+
+
+# ---------------------------------------------------------------------- no code runs on load
+class _WritesMarker:
+    """Unpickling this calls ``open(marker, "w")``: a file that would run code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_pickled_index_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "shared.safetensors"
+    torch.save({"video_ids": ["v"], "features": {"embedding": torch.zeros(1, 4)}, "class_path": "x", "init_args": {},
+                "payload": _WritesMarker(marker)}, evil)
+    with pytest.raises(ValueError, match="is not a vtr index: not a safetensors file.*never unpickled"):
+        load_index(evil)
+    with pytest.raises(SystemExit, match="is not a vtr index"):
+        main(["search", "--index", str(evil), "a big red square"])
+    with open(tmp_path / "plain.pkl", "wb") as handle:
+        pickle.dump(_WritesMarker(marker), handle)
+    with pytest.raises(ValueError, match="not a vtr index"):
+        load_index(tmp_path / "plain.pkl")
+    assert not marker.exists()
+    save_file({"weight": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(ValueError, match="weights.safetensors is not a vtr index .*format None"):
+        load_index(tmp_path / "weights.safetensors")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, meanpool_index):
+    marker = tmp_path / "ran"
+    state = _micro_meanpool().state_dict()
+    evil = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"x": _WritesMarker(marker)}}, evil)
+    with pytest.raises(ValueError, match=r"shared.ckpt refused: .*could run code \(Unsupported global: .*open"):
+        load_weights(_micro_meanpool(), evil)
+    with pytest.raises(SystemExit, match="refused"):
+        main(["search", "--index", str(meanpool_index), "--ckpt", str(evil), "a big red square"])
+    assert not marker.exists()
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"text.ckpt refused: .*\(Unsupported operand"):
+        load_weights(_micro_meanpool(), tmp_path / "text.ckpt")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.ckpt is not a torch.save file"):
+        load_weights(_micro_meanpool(), tmp_path / "empty.ckpt")
+
+
+def test_an_interrupted_index_leaves_the_old_one_whole(meanpool_index, data, monkeypatch):
+    before = meanpool_index.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half an ind")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("retrieval.bench.index.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(MEANPOOL, meanpool_index, data=data, overrides=MICRO, overwrite=True)
+    assert meanpool_index.read_bytes() == before
+    assert [p.name for p in meanpool_index.parent.iterdir()] == [meanpool_index.name]  # no temporary file left

@@ -1,6 +1,8 @@
 """Prompt Switch's invariants: the cube and its switch, zero-init aggregation, chunking, the captioner."""
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -47,23 +49,33 @@ def _count(module):
 def test_parameter_counts_at_vit_b32(vitb32):
     # methods.md: cube 27,648; aggregation MHA(768, 12) ≈ 2.36 M; captioner ≈ 33.8 M (25.3 M of it
     # the vocabulary head). Exact counts pinned; the rounded figures within their last digit.
-    cube, aggregation, captioner = (_count(m) for m in (vitb32.prompt_cube, vitb32.aggregation, vitb32.captioner))
+    modules = (vitb32.prompt_cube, vitb32.prompt_aggregation, vitb32.captioner)
+    cube, aggregation, captioner = (_count(m) for m in modules)
     assert cube == 27_648 == 6 * 6 * 768
-    assert aggregation == 2_362_368 and abs(aggregation - 2.36e6) < 0.01e6
+    assert aggregation == 2_362_368 == 4 * 768 * 768 + 4 * 768  # q, k, v and out projections with biases
     assert captioner == 33_756_416 and abs(captioner - 33.8e6) < 0.1e6
     assert _count(vitb32.captioner.caption_head) == 512 * 49408 + 49408
-    # the aggregation sits in the CLIP lr group (official name filter), so it is not "new"
-    assert sum(p.numel() for p in vitb32.new_parameters()) == cube + captioner
+    # every parameter that is not CLIP's is new, the aggregation included (it trains at the CLIP lr)
+    assert sum(p.numel() for p in vitb32.new_parameters()) == cube + 2_362_368 + captioner
     assert vitb32.prompt_cube.prompts.std().item() == pytest.approx(768**-0.5 * 0.02, rel=0.05)  # ≈ 7.2e-4
     assert torch.equal(vitb32.captioner.caption_head.weight, vitb32.clip.token_embedding.weight)
     assert not vitb32.captioner.caption_head.bias.any()
 
 
-def test_aggregation_lr_group_option():
+@pytest.mark.parametrize("in_clip_group", [True, False])
+def test_aggregation_lr_group_option(in_clip_group):
     model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=6, num_prompts=3,
-                         aggregation_in_clip_group=False)
-    new = {id(p) for p in model.new_parameters()}
-    assert all(id(p) in new for p in model.aggregation.parameters())
+                         aggregation_in_clip_group=in_clip_group)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers reads of it
+    groups = {g["name"]: g for g in model.configure_optimizers()["optimizer"].param_groups}
+    group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
+    aggregation = list(model.prompt_aggregation.parameters())
+    assert len(aggregation) == 4 and {group_of[id(p)] for p in aggregation} == {"clip" if in_clip_group else "new"}
+    assert (groups["clip"]["lr"], groups["new"]["lr"]) == (1e-6, 1e-5)
+    assert {group_of[id(p)] for p in model.clip.parameters()} == {"clip"}
+    assert group_of[id(model.prompt_cube.prompts)] == "new"
+    new = {id(p) for p in model.new_parameters()}  # new whatever its lr
+    assert all(id(p) in new for p in aggregation)
 
 
 def test_recipe_yaml_parses():
@@ -74,9 +86,10 @@ def test_recipe_yaml_parses():
     assert (args.num_frames, args.eval_num_frames, args.num_prompts) == (6, 12, 6)
     assert PROMPT_SWITCH_OPTIM.__dict__ == vars(args.optim)
     assert recipe["seed_everything"] == 24 and recipe["trainer"] == {"max_epochs": 5, "gradient_clip_val": 1.0}
-    assert recipe["data"] == {"frame_segments": 6, "batch_size": 32}  # frames and words: the model's
-    linked = read_recipe(Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml")["data"]
-    assert linked == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6, "max_words": 77, "batch_size": 32}
+    assert recipe["data"] == {"frame_segments": 6, "frame_sampler": "prompt_switch", "batch_size": 32}
+    linked = read_recipe(Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml")["data"]  # as vtr fit links it
+    assert linked == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6, "frame_sampler": "prompt_switch",
+                      "max_words": 77, "batch_size": 32}
 
 
 def test_switch_reads_the_transposed_prompt():
@@ -111,6 +124,43 @@ def test_aggregation_is_zero_initialised(micro):
         tokens = micro.prompted_tokens(frames)  # [B·T, S + Np, W]
         expected = micro.clip.project_cls(tokens[:, 0]).reshape(2, 6, -1)
         assert torch.allclose(micro.frame_features(frames), expected, atol=1e-6)
+
+
+def _official_aggregation(cls, prompts, nf, attn):
+    """float64 restatement of PromptSwitch model/prompt_clip.py ``CLIPVisionTransformer.forward``:
+    ``q = cls.reshape(bs, nf, D)``, ``kv = prompts.reshape(bs, nf * Np, D)``, ``q + MHA(q, kv, kv)``."""
+    n, d = cls.shape
+    heads, bs = attn.num_heads, n // nf
+    w_q, w_k, w_v = attn.in_proj_weight.double().split(d)
+    b_q, b_k, b_v = attn.in_proj_bias.double().split(d)
+    q, kv = cls.double().reshape(bs, nf, d), prompts.double().reshape(bs, -1, d)
+
+    def split_heads(x):
+        return x.reshape(bs, x.shape[1], heads, d // heads).transpose(1, 2)  # [bs, heads, len, d/h]
+
+    query, key, value = split_heads(q @ w_q.T + b_q), split_heads(kv @ w_k.T + b_k), split_heads(kv @ w_v.T + b_v)
+    weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+    out = (weights @ value).transpose(1, 2).reshape(bs, nf, d)
+    out = out @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
+    return (q + out).reshape(n, d)
+
+
+def test_aggregation_groups_by_the_training_frame_count():
+    # nf = 6 training frames, Np = 3: each frame attends over the 18 prompts of its 6-frame group
+    # (two chunks), at evaluation too (12 frames = two groups), as the official code does
+    torch.manual_seed(1)
+    model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=12, num_prompts=3).eval()
+    with torch.no_grad():  # a trained, non-zero output projection
+        model.prompt_aggregation.attn.out_proj.weight.normal_(std=0.3)
+        model.prompt_aggregation.attn.out_proj.bias.normal_(std=0.3)
+        frames, _ = _video(t=12)
+        tokens = model.prompted_tokens(frames)  # [24, S + 3, W]
+        actual = model.frame_features(frames).reshape(24, -1)
+        attn = model.prompt_aggregation.attn
+        by_group = model.clip.project_cls(_official_aggregation(tokens[:, 0], tokens[:, -3:], 6, attn).float())
+        by_chunk = model.clip.project_cls(_official_aggregation(tokens[:, 0], tokens[:, -3:], 3, attn).float())
+    torch.testing.assert_close(actual, by_group, rtol=1e-5, atol=1e-5)
+    assert (actual - by_chunk).abs().max() > 1e-2  # grouping by Np (chunks) gives other features
 
 
 def test_chunks_are_independent():
@@ -193,7 +243,7 @@ def test_offline_honesty(micro):
         assert list(video) == ["embedding"]
         scores = micro.score(text, video)
     assert torch.allclose(scores, micro.logit_scale() * text.sentence @ video.embedding.T)
-    assert micro.logit_scale() > 0
+    assert micro.logit_scale().item() == pytest.approx(1 / 0.07)  # CLIP's initial temperature, exp(log(1/0.07))
 
 
 def test_duplicate_videos_dropped_keeping_the_first():
@@ -205,13 +255,16 @@ def test_duplicate_videos_dropped_keeping_the_first():
 def test_clear_errors(micro):
     with pytest.raises(ValueError, match="num_frames=4.*num_prompts=3"):
         PromptSwitch(backbone="vtr-micro", num_frames=4, eval_num_frames=6, num_prompts=3)
-    with pytest.raises(ValueError, match="eval_num_frames=8.*num_prompts=6"):
+    with pytest.raises(ValueError, match="eval_num_frames=8.*num_frames=6"):
         PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=8)
+    with pytest.raises(ValueError, match="eval_num_frames=9.*num_frames=6"):  # a multiple of Np=3, not of nf
+        PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=9, num_prompts=3)
     with pytest.raises(ValueError, match="max_words"):
         PromptSwitch(backbone="vtr-micro", max_words=64)
-    frames, mask = _video(t=4)
-    with pytest.raises(ValueError, match="num_prompts=3"):
-        micro.encode_video(frames, mask)
+    for t in (4, 9):
+        frames, mask = _video(t=t)
+        with pytest.raises(ValueError, match=f"{t} frames.*groups of num_frames=6"):
+            micro.encode_video(frames, mask)
 
 
 @pytest.mark.parametrize("use_captioner", [True, False])
@@ -225,8 +278,16 @@ def test_fit_and_test(trainer_kwargs, use_captioner):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
     group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
-    assert group_of[id(model.aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
+    assert group_of[id(model.prompt_aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
     assert group_of[id(model.prompt_cube.prompts)] == "new"
     assert set(groups) == {"clip", "new"}  # decay_all: weight decay on every parameter
     metrics = trainer.test(model, data, verbose=False)[0]
-    assert 0.0 <= metrics["test/t2v/R@1"] <= 100.0
+    # the logged metrics against ranks computed here from the three stages, in float64
+    model.eval()
+    with torch.no_grad():
+        text, video = model.encode_text(data.tokens), model.encode_video(data.frames, data.frame_mask)
+    similarity = text.sentence.double() @ video.embedding.double().T  # [Q, N]; a positive scale keeps ranks
+    positive = similarity[torch.arange(len(similarity)), data.caption_video]
+    ranks = 1 + (similarity > positive[:, None]).sum(1) + (similarity == positive[:, None]).sum(1) - 1
+    assert metrics["test/t2v/R@1"] == pytest.approx(100 * (ranks == 1).double().mean().item())
+    assert metrics["test/t2v/MnR"] == pytest.approx(ranks.double().mean().item())

@@ -64,6 +64,79 @@ def test_segments_must_divide_num_frames():
         sample_indices(24, 8, segments=3)
     with pytest.raises(ValueError, match="mode"):
         sample_indices(24, 8, mode="middle")
+    with pytest.raises(ValueError, match="frame sampler 'xpool'"):
+        sample_indices(24, 8, sampler="xpool")
+    with pytest.raises(ValueError, match=r"'stan'.*segments \(4\) must equal num_frames \(8\)"):
+        sample_indices(24, 8, "random", 4, sampler="stan")  # UniformSample trains with one clip
+
+
+def _slot_draws(n, num_frames, segments, sampler, seeds=300):
+    """Every index each output slot took over ``seeds`` random draws."""
+    draws = np.stack([sample_indices(n, num_frames, "random", segments, sampler=sampler,
+                                     generator=torch.Generator().manual_seed(s)) for s in range(seeds)])
+    return [sorted(set(column)) for column in draws.T.tolist()]
+
+
+# PromptSwitch datasets/video_capture.py, by hand: intervals = int(linspace(0, n, Np + 1)), segment j
+# runs from b_j to e_j = b_(j+1) - 1; uniform sample k of c: b_j + (e_j - b_j) // (c + 1) * (k + 1).
+@pytest.mark.parametrize("n, num_frames, segments, expected", [
+    # b = [0, 2, 5, 8, 10, 13, 16], e - b = [1, 2, 2, 1, 2, 2]; "vtr": [1, 4, 6, 9, 12, 14]
+    (16, 6, 6, [0, 3, 6, 8, 11, 14]),
+    # the recipe's 12 test frames of a 16-frame clip: (e - b) // 3 = 0, both chunks at b
+    (16, 12, 6, [0, 2, 5, 8, 10, 13] * 2),
+    # b = [0, 5, 10, ...], e - b = 4: steps of 4 // 3 = 1; "vtr": 5/3, 10/3 -> [1, 6, ..., 3, 8, ...]
+    (30, 12, 6, [1, 6, 11, 16, 21, 26, 2, 7, 12, 17, 22, 27]),
+    # 8 frames (fewer than 12): b = [0, 1, 2, 4, 5, 6, 8], every step 0
+    (8, 12, 6, [0, 1, 2, 4, 5, 6] * 2),
+    # 4 frames, fewer than Np: 4 one-frame segments per chunk, then the last frame repeated
+    (4, 12, 6, [0, 1, 2, 3, 0, 1, 2, 3, 3, 3, 3, 3]),
+])
+def test_prompt_switch_sampler_by_hand(n, num_frames, segments, expected):
+    assert sample_indices(n, num_frames, "uniform", segments, sampler="prompt_switch").tolist() == expected
+
+
+def test_prompt_switch_training_draw_never_takes_a_segments_last_frame():
+    # random.choice(range(b_j, e_j)): 16 frames, b = [0, 2, 5, 8, 10, 13], e = [1, 4, 7, 9, 12, 15]
+    assert _slot_draws(16, 6, 6, "prompt_switch") == [[0], [2, 3], [5, 6], [8], [10, 11], [13, 14]]
+    # two chunks draw independently from the same segments
+    assert _slot_draws(16, 12, 6, "prompt_switch") == [[0], [2, 3], [5, 6], [8], [10, 11], [13, 14]] * 2
+    # one-frame segments (the official range is empty and raises): the segment's frame
+    assert _slot_draws(8, 12, 6, "prompt_switch", seeds=50) == [[0], [1], [2], [4], [5], [6]] * 2
+    assert _slot_draws(3, 6, 6, "prompt_switch", seeds=20) == [[0], [1], [2], [2], [2], [2]]
+
+
+# mmaction2 UniformSample as STAN uses it, by hand: s = (n - 1) / T, segment j from round(s j) to
+# round(s (j + 1)) (round half to even); test: round(s j) + int(s / 2).
+@pytest.mark.parametrize("n, num_frames, segments, expected", [
+    # s = 2.5: starts 0, 2 (2.5), 5, 8 (7.5), 10, 12 (12.5); + int(1.25); "vtr": [1, 4, 6, 9, 12, 14]
+    (16, 6, None, [1, 3, 6, 9, 11, 13]),
+    # s = 23/12: starts 0, 2, 4, 6, 8, 10, 12 (11.5), 13, 15, 17, 19, 21; + int(0.96) = 0
+    (24, 12, None, [0, 2, 4, 6, 8, 10, 12, 13, 15, 17, 19, 21]),
+    # num_clips = 2 (segments 3): s = 5, duration 5/3: starts 0, 5, 10 + 1, then + 3
+    (16, 6, 3, [1, 6, 11, 3, 8, 13]),
+    # 5 frames, 12 slots: s = 1/3, starts round(j/3) = 0 0 1 1 1 2 2 2 3 3 3 4, + int(1/6) = 0
+    (5, 12, None, [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4]),
+    (1, 4, None, [0, 0, 0, 0]),
+])
+def test_stan_sampler_by_hand(n, num_frames, segments, expected):
+    assert sample_indices(n, num_frames, "uniform", segments, sampler="stan").tolist() == expected
+
+
+def test_stan_training_draw_shares_boundary_frames():
+    # s = 2.5: ends round(2.5 (j + 1)) = 2, 5, 8, 10, 12, 15; both ends drawn
+    assert _slot_draws(16, 6, None, "stan") == [[0, 1, 2], [2, 3, 4, 5], [5, 6, 7, 8], [8, 9, 10], [10, 11, 12],
+                                                [12, 13, 14, 15]]
+    assert _slot_draws(3, 6, None, "stan", seeds=100) == [[0], [0, 1], [1], [1], [1, 2], [2]]  # s = 1/3
+
+
+def test_official_samplers_decode_their_indices(clip24, tmp_path):
+    frames, mask = read_frames(clip24, 12, segments=6, sampler="prompt_switch")
+    assert mask.all()  # b = [0, 4, ..., 20], e - b = 3: steps of 1
+    np.testing.assert_array_equal(_frame_numbers(frames), [1, 5, 9, 13, 17, 21, 2, 6, 10, 14, 18, 22])
+    short = write_video(tmp_path / "short.mp4", _colour_clip(5))
+    frames, mask = read_frames(short, 12, sampler="stan")
+    assert mask.all()  # short clips repeat frames, as UniformSample does: no padding
+    np.testing.assert_array_equal(_frame_numbers(frames), [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4])
 
 
 def test_short_video_is_padded_and_masked(tmp_path):

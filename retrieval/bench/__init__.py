@@ -5,17 +5,27 @@
   and ``vtr bench metrics`` (the metric suite's own cost);
 - :mod:`retrieval.bench.index`: ``vtr index`` (encode a split's videos once) and
   ``vtr search`` (rank them for a typed query);
-- :mod:`retrieval.bench.sweep`: ``vtr sweep`` (a local grid of ``vtr fit`` runs).
+- :mod:`retrieval.bench.sweep`: ``vtr sweep`` (a local grid of ``vtr fit`` runs);
+- :mod:`retrieval.bench.results`: where result files go, their names, merging and plots.
 
 Methods are data, not code: every tool builds a method from its recipe YAML's ``model``
 section (``class_path`` + ``init_args``, the same file ``vtr fit --config`` reads), so this
 package never imports ``baselines``. The helpers below are the one way the tools do that.
+
+Opening a file runs no code: checkpoints are read with ``torch.load(weights_only=True)``
+(tensors and plain data only; a Lightning checkpoint of this project is plain data: its
+hyperparameters are saved as dicts), and indexes are safetensors files.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import logging
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +37,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from retrieval.backbone import weights_quick_gelu
 from retrieval.data.datamodule import MODEL_SETTINGS
 from retrieval.module import RetrievalModule
 
@@ -114,8 +125,11 @@ def build_method(
         The method in eval mode on the CPU.
     """
     config = copy.deepcopy(model_config)
-    init_args = dict(config.get("init_args") or {})
-    init_args.update(overrides or {})
+    recipe_args = dict(config.get("init_args") or {})
+    init_args = {**recipe_args, **(overrides or {})}
+    if _weights_dropped(recipe_args, init_args):
+        # the checkpoint's weights replace the recipe's: build the activation those were trained with
+        init_args["quick_gelu"] = weights_quick_gelu(recipe_args["backbone"], recipe_args["pretrained"])
     backbone = init_args.get("backbone")
     if backbone is not None and init_args.get("max_words", 0) > context_length(backbone):
         log.warning("max_words=%s exceeds %s's text context: using %s", init_args["max_words"], backbone,
@@ -133,28 +147,83 @@ def build_method(
     return model.eval()
 
 
+def _weights_dropped(recipe_args: dict[str, Any], init_args: dict[str, Any]) -> bool:
+    """True when the overrides drop the recipe's pretrained weights but keep its backbone and
+    leave the activation unset: the rebuild must still run the weights' activation."""
+    return (init_args.get("pretrained") is None and recipe_args.get("pretrained") is not None
+            and init_args.get("quick_gelu") is None and "backbone" in recipe_args
+            and init_args.get("backbone") == recipe_args["backbone"])
+
+
 def load_weights(model: RetrievalModule, ckpt: str | Path) -> None:
     """Load a Lightning checkpoint's ``state_dict`` (or a bare state dict) strictly.
 
     Raises:
         FileNotFoundError: no file at ``ckpt``.
-        ValueError: the weights do not fit the model (names the file and the first mismatches).
+        ValueError: the file is not a checkpoint, holds anything but tensors and plain data
+            (see :func:`read_checkpoint`), or its weights do not fit the model (names the file
+            and the first mismatches).
     """
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(path)
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {str(error)[:500]}") from None
 
 
-def weights_fingerprint(model: RetrievalModule) -> float:
-    """A cheap checksum of every parameter (tells whether two builds hold the same weights)."""
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum() for p in model.parameters()))
+def read_checkpoint(path: Path) -> Any:
+    """A ``torch.save`` file read weights-only: tensors and plain data, never code.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file holds other objects (unpickling them could run code: refused,
+            nothing of it is executed), or is not a ``torch.save`` file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's message, less its advice to load the file unsafely
+        reason = re.split(r"Please use|Check the documentation", str(error).split("WeightsUnpickler error:")[-1])[0]
+        raise ValueError(f"checkpoint {path} refused: it holds more than tensors and plain data, and loading the "
+                         f"rest could run code ({' '.join(reason.split()).rstrip('. ')})") from None
+    except Exception as error:  # torch raises RuntimeError, KeyError, EOFError... for non-checkpoints
+        raise ValueError(f"checkpoint {path} is not a torch.save file ({type(error).__name__}: {error})") from None
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as YAML/JSON-able values (dataclasses such as ``OptimConfig`` become dicts)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def model_config(model: RetrievalModule) -> dict[str, Any]:
+    """``{class_path, init_args}`` that rebuilds ``model``'s architecture."""
+    cls = type(model)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _plain(dict(model.hparams))}
+
+
+def model_fingerprint(model: RetrievalModule) -> str:
+    """``sha256:<hex>`` over the method's config (:func:`model_config`) and every state-dict
+    tensor's name, dtype, shape and bytes: equal exactly when two builds compute the same thing.
+
+    Raises:
+        TypeError: a hyperparameter is not JSON data.
+    """
+    digest = hashlib.sha256(json.dumps(model_config(model), sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
 
 
 def tokenize(model: RetrievalModule, captions: Sequence[str]) -> Tensor:

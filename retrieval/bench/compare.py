@@ -21,7 +21,10 @@ batch (both clips of a pair in it), the data and the seed. Each method is
    below (``--no-freeze-vision --clip-lr --train-sampling --batch-size --steps``);
 2. evaluated on the test split: t2v R@1/R@5, R@1 of static and of temporal captions, and
    temporal **pair accuracy** (the caption scores its own clip strictly above its partner; an
-   order-blind model sits at 50 %);
+   order-blind model sits at 50 %); with ``--dsl`` / ``--qb-norm`` also the post-processed
+   rows ``t2v+DSL_R@1``, ``v2t+DSL_R@1`` (DSL uses all test queries at once) and ``t2v+QB_R@1``
+   (QB-Norm's querybank: ``--querybank-size`` training captions against the test gallery),
+   as extra columns beside the plain ones (:mod:`retrieval.postprocess`);
 3. timed online (``encode_text + score + top-k``) over the test gallery and over a gallery of
    ``tiled_gallery`` videos tiled from its real test features, and offline (``encode_video``).
 
@@ -60,6 +63,7 @@ from retrieval.bench import build_method, read_recipe
 from retrieval.bench.latency import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import FreezeVisionTower, OptimConfig, RetrievalModule
+from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,11 @@ LOGGED = {  # results.csv column -> the metric RetrievalModule logs under test/
     "t2v_R@1": "t2v/R@1", "t2v_R@5": "t2v/R@5", "static_R@1": "static/R@1", "temporal_R@1": "temporal/R@1",
     "temporal_pair_acc": "temporal/pair_acc",
 }
+POSTPROCESSED = {  # the labelled post-processing columns, present when asked for
+    "t2v+DSL_R@1": "t2v+DSL/R@1", "v2t+DSL_R@1": "v2t+DSL/R@1", "t2v+QB_R@1": "t2v+QB/R@1",
+}
 HEADERS = {
+    **{column: column.replace("_", " ") for column in POSTPROCESSED},
     "method": "method", "fusion_free": "fusion-free", "t2v_R@1": "R@1", "t2v_R@5": "R@5", "static_R@1": "static R@1",
     "temporal_R@1": "temporal R@1", "temporal_pair_acc": "pair acc", "ms_per_query_test": "ms/q test",
     "ms_per_query_tiled": "ms/q tiled", "offline_ms_per_video": "enc ms/video", "train_minutes": "train min",
@@ -119,8 +127,10 @@ def recipes(methods_dir: Path, names: list[str] | None) -> list[Path]:
     return found
 
 
-def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root: Path, out: Path, seed: int) -> dict:
-    """Fine-tune, select on validation, test and time one method; returns its results row."""
+def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root: Path, out: Path, seed: int,
+               postprocess: Postprocess | None = None) -> dict:
+    """Fine-tune, select on validation, test and time one method; returns its results row
+    (with the DSL / QB-Norm rows that ``postprocess`` asks for)."""
     recipe = read_recipe(recipe_path)
     name = recipe_path.stem
     fixed = recipe.get("data") or {}
@@ -130,6 +140,8 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
         frames = {k: fixed[k] for k in ("num_frames", "eval_num_frames", "frame_segments") if k in fixed}
     else:
         frames = {"num_frames": preset.num_frames}
+    if "frame_sampler" in fixed:  # the official sampler a recipe restates (Prompt Switch, STAN)
+        frames["frame_sampler"] = fixed["frame_sampler"]
     data = VideoTextDataModule(
         dataset="synthetic", root=str(data_root), backbone="vtr-tiny", max_words=preset.max_words, batch_size=preset.batch_size,
         eval_batch_size=128, num_workers=0, cache_frames=True, pair_batches=True, train_sampling=preset.train_sampling,
@@ -146,7 +158,8 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
         accelerator="cpu", devices=1, max_steps=preset.steps, val_check_interval=preset.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=None, deterministic=True,
         logger=CSVLogger(out, name=name, version=""), enable_model_summary=False,
-        callbacks=[checkpoint, FreezeVisionTower()] if preset.freeze_vision_tower else [checkpoint],
+        callbacks=[checkpoint, *([FreezeVisionTower()] if preset.freeze_vision_tower else []),
+                   *([postprocess] if postprocess else [])],
     )
     console.rule(f"[bold]{name}[/] ({recipe['model']['class_path']})")
     L.seed_everything(seed, verbose=False)
@@ -158,6 +171,7 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
     text, video, _ = model.eval_features["test"]
     row = {"method": name, "fusion_free": type(model).offline, "train_minutes": train_minutes}
     row.update({column: float(logged[f"test/{key}"]) for column, key in LOGGED.items()})
+    row.update({column: float(logged[f"test/{key}"]) for column, key in POSTPROCESSED.items() if f"test/{key}" in logged})
     row.update(_timings(model.eval(), data, text, video, preset))
     return row
 
@@ -177,15 +191,16 @@ def _timings(model: RetrievalModule, data: VideoTextDataModule, text, video, pre
 
 def write_outputs(rows: list[dict], out: Path, tiled: int) -> None:
     """``results.csv`` and ``results.png`` in ``out``; the table on the console."""
+    columns = [*COLUMNS, *(c for c in POSTPROCESSED if any(c in row for row in rows))]
     with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     table = Table(title=f"vtr compare ({out})")
-    for column in COLUMNS:
+    for column in columns:
         table.add_column(HEADERS[column], justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(*[f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS])
+        table.add_row(*[f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
     Console(width=max(console.width, 132)).print(table)
     _plot(rows, out / "results.png", tiled)
 
@@ -228,6 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                         help="freeze CLIP's vision tower (default: the preset's choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--dsl", action="store_true", help="also report t2v+DSL / v2t+DSL (uses all test queries at once)")
+    parser.add_argument("--qb-norm", action="store_true", help="also report t2v+QB (QB-Norm, querybank of training captions)")
+    parser.add_argument("--querybank-size", type=int, default=5000, help="training captions in QB-Norm's querybank")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     args = parser.parse_args(argv[1:] if argv and argv[0] == "compare" else argv)
 
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                synthetic_num_val=preset.num_val, synthetic_num_test=preset.num_test, synthetic_seed=args.seed)
     data.prepare_data()
     data_root = data.root
-    rows = [run_method(path, preset, backbone, data_root, args.out, args.seed) for path in paths]
+    postprocess = (Postprocess(dsl=args.dsl, qb_norm=args.qb_norm, querybank_size=args.querybank_size, seed=args.seed)
+                   if args.dsl or args.qb_norm else None)
+    rows = [run_method(path, preset, backbone, data_root, args.out, args.seed, postprocess) for path in paths]
     write_outputs(rows, args.out, preset.tiled_gallery)
     return rows

@@ -1,14 +1,18 @@
 """``vtr index`` and ``vtr search``: the offline stage written to a file, and queries against it.
 
-- ``vtr index --config RECIPE.yaml --ckpt CKPT|none --data DATA.yaml [key=value ...] --out index.pt``
+- ``vtr index --config RECIPE.yaml --ckpt CKPT|none --data DATA.yaml [key=value ...] --out index.safetensors``
   builds the method from its recipe (the same ``model`` section ``vtr fit`` reads), loads the
   checkpoint's weights, and encodes every video of a split once with ``encode_video``. The file
-  holds ``video_ids``, ``features`` (the ``VideoFeatures`` fields the method caches, whatever they
-  are: one embedding for fusion-free methods, frame or token features for text-conditioned
-  ones), ``class_path`` and ``init_args`` (to rebuild the method), the checkpoint path, the seed
-  and a weights fingerprint. An existing file is never replaced without ``--overwrite``.
-- ``vtr search --index index.pt "a red square moves left" [-k 5]`` rebuilds the method, checks
-  that its weights are the ones that built the index, encodes the query with ``encode_text`` and
+  is a safetensors file (tensors and JSON, nothing that runs on load): the ``features`` (the
+  ``VideoFeatures`` fields the method caches, whatever they are: one embedding for fusion-free
+  methods, frame or token features for text-conditioned ones), and in its metadata the
+  ``video_ids``, ``class_path`` and ``init_args`` (to rebuild the method), the checkpoint's path
+  (relative to the index's folder, and absolute), the seed and the method's fingerprint
+  (:func:`~retrieval.bench.model_fingerprint`: sha256 of its config and every weight). It is
+  written to a temporary file renamed into place, so an interrupted run leaves no half-written
+  index; an existing file is never replaced without ``--overwrite``.
+- ``vtr search --index index.safetensors "a red square moves left" [-k 5]`` rebuilds the method,
+  refuses it unless its fingerprint is the index's, encodes the query with ``encode_text`` and
   ranks the stored gallery with ``score_gallery`` + top-k: the same three stages as training,
   evaluation and the latency benchmark. ``--faiss`` (fusion-free methods, ``faiss-cpu``
   installed) ranks with a flat inner-product FAISS index instead; the scores are the same logits.
@@ -17,17 +21,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import retrieval
-from retrieval.bench import build_method, read_recipe, tokenize, weights_fingerprint
+from retrieval.bench import build_method, model_config, model_fingerprint, read_recipe, tokenize
+from retrieval.bench.results import atomic_path
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.features import VideoFeatures
 from retrieval.module import RetrievalModule
@@ -95,20 +103,10 @@ def encode_split(model: RetrievalModule, datamodule: VideoTextDataModule, split:
 
 
 # ---------------------------------------------------------------------- index
-def _plain(value: Any) -> Any:
-    """Hyperparameters as YAML-able values (dataclasses such as ``OptimConfig`` become dicts)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def model_config(model: RetrievalModule) -> dict[str, Any]:
-    """``{class_path, init_args}`` that rebuilds ``model``'s architecture."""
-    cls = type(model)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "init_args": {k: _plain(v) for k, v in model.hparams.items()}}
+FORMAT = "vtr-index/2"
+"""The safetensors metadata ``format`` of an index (vtr's first indexes were pickles: refused)."""
+_FEATURE = "features."
+_KEYS = {"video_ids", "class_path", "init_args", "ckpt", "ckpt_absolute", "seed", "fingerprint", "offline"}
 
 
 def build_index(
@@ -145,32 +143,70 @@ def build_index(
     model = build_method(recipe["model"], overrides, ckpt, seed)
     datamodule = make_datamodule(data_arguments(recipe, data, model.clip.name))
     video_ids, features = encode_split(model, datamodule, split, device)
-    payload = {
+    ckpt_path = None if ckpt is None else Path(ckpt).resolve()
+    meta = {
         "video_ids": video_ids,
-        "features": features.as_dict(),
         **model_config(model),
-        "ckpt": None if ckpt is None else str(ckpt),
+        "ckpt": None if ckpt_path is None else os.path.relpath(ckpt_path, out.resolve().parent),
+        "ckpt_absolute": None if ckpt_path is None else str(ckpt_path),
         "seed": seed,
-        "fingerprint": weights_fingerprint(model),
+        "fingerprint": model_fingerprint(model),
         "offline": bool(model.offline),
         "split": split,
         "vtr": retrieval.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
+    tensors = {_FEATURE + name: t.contiguous() for name, t in features.as_dict().items()}
+    with atomic_path(out) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "index": json.dumps(meta)})
     log.info("indexed %d %s videos of %s into %s", len(video_ids), split, config, out)
     return out
 
 
 def load_index(path: str | Path) -> dict[str, Any]:
-    """An index written by :func:`build_index`."""
+    """An index written by :func:`build_index`: its metadata, ``features`` and ``path``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a vtr index (a pickle, such as an index in vtr's first
+            format or a crafted file, is refused: it is never unpickled).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index {path} does not exist (build it with `vtr index`)")
-    index = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(index, dict) or not {"video_ids", "features", "class_path", "init_args"} <= set(index):
-        raise ValueError(f"{path} is not a vtr index")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a vtr index: not a safetensors file ({error}); indexes are never "
+                         "unpickled, so one written by an older vtr (torch.save) must be rebuilt with `vtr index`") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vtr index (safetensors metadata format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    index = json.loads(metadata.get("index", "{}"))
+    missing = sorted(_KEYS - set(index))
+    if missing:
+        raise ValueError(f"{path} is not a complete vtr index: its metadata lacks {missing}")
+    index["features"] = {name.removeprefix(_FEATURE): t for name, t in tensors.items() if name.startswith(_FEATURE)}
+    index["path"] = str(path)
     return index
+
+
+def indexed_checkpoint(index: dict[str, Any]) -> str | None:
+    """The checkpoint that built ``index``: its path relative to the index's folder, else where
+    it was when indexed; None when the index was built without one.
+
+    Raises:
+        FileNotFoundError: the checkpoint is at neither place.
+    """
+    if index["ckpt"] is None:
+        return None
+    beside = Path(index["path"]).parent / index["ckpt"]
+    for candidate in (beside, Path(index["ckpt_absolute"])):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"the checkpoint that built {index['path']} is neither at {beside} (relative to the "
+                            f"index) nor at {index['ckpt_absolute']}; pass it with --ckpt")
 
 
 # ---------------------------------------------------------------------- search
@@ -178,22 +214,26 @@ _FROM_INDEX = "index"
 
 
 def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -> RetrievalModule:
-    """Rebuild the method that wrote ``index`` and check it holds the same weights.
+    """Rebuild the method that wrote ``index`` and check it is the same, weight for weight.
 
     Args:
         index: a loaded index.
-        ckpt: the checkpoint to load; by default the one recorded in the index.
+        ckpt: the checkpoint to load; by default the one recorded in the index
+            (:func:`indexed_checkpoint`).
 
     Raises:
-        ValueError: the rebuilt weights differ from the index's (another checkpoint).
+        ValueError: the rebuilt method's fingerprint differs from the index's (another
+            checkpoint, or any weight changed).
     """
-    ckpt = index["ckpt"] if ckpt == _FROM_INDEX else ckpt
+    ckpt = indexed_checkpoint(index) if ckpt == _FROM_INDEX else ckpt
     config = {"class_path": index["class_path"], "init_args": index["init_args"]}
     model = build_method(config, ckpt=ckpt, seed=index["seed"])
-    expected, got = index["fingerprint"], weights_fingerprint(model)
-    if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
-        raise ValueError(f"the method rebuilt with ckpt={ckpt!r} does not hold the weights that built the index "
-                         f"(fingerprint {got:.6g} vs {expected:.6g}); pass the index's --ckpt ({index['ckpt']!r})")
+    expected, got = index["fingerprint"], model_fingerprint(model)
+    if got != expected:
+        hint = (f"pass its checkpoint ({index['ckpt_absolute']}) with --ckpt" if index["ckpt_absolute"]
+                else f"it was built without a checkpoint (seed {index['seed']}): pass --ckpt none")
+        raise ValueError(f"the method rebuilt with ckpt={ckpt!r} does not hold the weights that built {index['path']} "
+                         f"(fingerprint {got[:19]}... vs {expected[:19]}...); {hint}")
     return model
 
 
@@ -273,7 +313,7 @@ def build_parser(tool: str) -> argparse.ArgumentParser:
         parser.add_argument("--data", nargs="*", default=[],
                             help="data YAML files and key=value options of VideoTextDataModule, in order")
         parser.add_argument("--split", choices=sorted(SPLIT_STAGES), default="test")
-        parser.add_argument("--out", required=True, type=Path, help="index file (.pt)")
+        parser.add_argument("--out", required=True, type=Path, help="index file (.safetensors)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         parser.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
         parser.add_argument("--pretrained", default="recipe",

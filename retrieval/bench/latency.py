@@ -26,7 +26,9 @@ process could reach, not the machine's peak.
 
 ``vtr bench latency`` writes one CSV per device/dtype/version (timm convention: the file name
 says where it was measured; rows of a re-measured method replace its old rows) and a log-log
-plot beside it. ``vtr bench metrics`` times :func:`retrieval.metrics.retrieval_metrics`.
+plot beside it, under ``runs/bench/`` unless ``--out`` names another folder
+(:mod:`retrieval.bench.results`). ``vtr bench metrics`` times
+:func:`retrieval.metrics.retrieval_metrics`.
 """
 
 from __future__ import annotations
@@ -37,12 +39,10 @@ import functools
 import itertools
 import logging
 import math
-import platform
-import re
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 import retrieval
 from retrieval.bench import build_method, read_recipe, tokenize
+from retrieval.bench.results import DEFAULT_OUT, csv_value, device_name, merge_rows, plot_latency, result_filename
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import retrieval_metrics
 from retrieval.module import RetrievalModule
@@ -83,15 +84,6 @@ CAPTIONS = (
     "a cartoon character explains how to cook pasta",
     "a car drives through a city street at night",
 )
-
-COLUMNS = (
-    "method", "class_path", "fusion_free", "backbone", "device", "dtype", "threads", "gallery", "batch",
-    "ms_per_query_median", "ms_per_query_p10", "ms_per_query_p90", "text_ms", "score_ms", "repeats",
-    "macs_per_pair", "floor_ms", "bw_floor_ms", "ratio_to_floor", "matmul_ms", "bytes_per_video", "gallery_mb",
-    "peak_mem_mb", "mem_method", "offline_ms_per_video", "offline_videos_per_s", "matmul_gflops",
-    "bandwidth_gbs", "torch", "vtr", "note",
-)
-ROW_KEY = ("method", "backbone", "device", "dtype", "threads", "gallery", "batch")
 
 
 # ---------------------------------------------------------------------- timing primitives
@@ -453,105 +445,6 @@ def scorer_floor(model: RetrievalModule, text: TextFeatures, gallery_chunk: Vide
     )
 
 
-# ---------------------------------------------------------------------- result files
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def device_name(device: torch.device) -> str:
-    """A short hardware name: ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
-    if device.type == "cuda":
-        return "cuda-" + _slug(torch.cuda.get_device_name(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1] for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    words = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*|\d+-core", " ", name.lower()).split()
-    return "cpu-" + _slug(" ".join(words[:4]))
-
-
-def result_filename(kind: str, device: torch.device, dtype: str, threads: int) -> str:
-    """``<kind>_<device>[-<threads>t]_<dtype>_torch<version>_vtr<version>.csv`` (timm convention)."""
-    where = device_name(device) + (f"-{threads}t" if device.type == "cpu" else "")
-    torch_version = torch.__version__.split("+")[0]
-    return f"{kind}_{where}_{dtype}_torch{torch_version}_vtr{retrieval.__version__}.csv"
-
-
-def merge_rows(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str] = COLUMNS,
-               key: Sequence[str] = ROW_KEY) -> list[dict[str, Any]]:
-    """Write ``rows`` to ``path``, replacing earlier rows with the same key; returns all rows."""
-    merged: dict[tuple, dict[str, Any]] = {}
-    if path.is_file():
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                merged[tuple(str(row.get(c, "")) for c in key)] = row
-    for row in rows:
-        merged[tuple(str(row.get(c, "")) for c in key)] = row
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in merged.values():
-            writer.writerow({c: _fmt(row.get(c)) for c in columns})
-    return list(merged.values())
-
-
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
-
-
-def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Log-log ms/query against gallery size, one panel per batch size, one line per method,
-    p10-p90 band, and each method's gallery-read floor dotted in its colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def num(row: dict, column: str) -> float | None:
-        value = row.get(column)
-        return None if value in (None, "") else float(value)
-
-    timed = [r for r in rows if num(r, "ms_per_query_median") is not None]
-    batches = sorted({int(r["batch"]) for r in timed}) or [1]
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches) + 3, 4.5), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = sorted({r["method"] for r in timed})
-    for ax, batch in zip(axes[0], batches):
-        for i, method in enumerate(methods):
-            points = sorted((int(r["gallery"]), r) for r in timed if r["method"] == method and int(r["batch"]) == batch)
-            if not points:
-                continue
-            x = [n for n, _ in points]
-            colour = colours[i % len(colours)]
-            ax.plot(x, [num(r, "ms_per_query_median") for _, r in points], "o-", color=colour, label=method)
-            ax.fill_between(x, [num(r, "ms_per_query_p10") for _, r in points],
-                            [num(r, "ms_per_query_p90") for _, r in points], color=colour, alpha=0.2)
-            floor = [(n, num(r, "bw_floor_ms")) for n, r in points if num(r, "bw_floor_ms")]
-            if floor:
-                ax.plot([n for n, _ in floor], [v for _, v in floor], ":", color=colour, linewidth=1,
-                        label=f"{method} read floor ({num(points[0][1], 'bytes_per_video') / 1024:.1f} KiB/video)")
-        ax.set(xscale="log", yscale="log", xlabel="gallery size N (videos)", ylabel="ms per query",
-               title=f"batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-    legend = {}
-    for ax in axes[0]:
-        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
-    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
-    first = timed[0] if timed else {}
-    fig.suptitle(f"online latency: encode_text + score + top-k | {first.get('device', '')} {first.get('dtype', '')} "
-                 f"{first.get('threads', '')} threads | torch {first.get('torch', '')} vtr {first.get('vtr', '')}",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------- the benchmark driver
 @dataclass
 class BenchSettings:
@@ -727,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--device", default="cpu")
     lat.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model and gallery precision")
     lat.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    lat.add_argument("--out", type=Path, default=Path("experiments/results"), help="output folder")
+    lat.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                     help="output folder (the committed results: experiments/results)")
     lat.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
     lat.add_argument("--pretrained", default="none",
                      help="pretrained tag/path, 'none' for random init, 'recipe' for the recipe's")
@@ -746,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--repeats", type=int, default=3)
     met.add_argument("--chunk-size", type=int, default=4096)
     met.add_argument("--threads", type=int, default=None)
-    met.add_argument("--out", type=Path, default=Path("experiments/results"))
+    met.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                     help="output folder (the committed results: experiments/results)")
     return parser
 
 
@@ -765,7 +660,7 @@ def main(argv: Sequence[str]) -> None:
             writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
             if new:
                 writer.writeheader()
-            writer.writerow({c: _fmt(result[c]) for c in METRIC_COLUMNS})
+            writer.writerow({c: csv_value(result[c]) for c in METRIC_COLUMNS})
         print(f"retrieval_metrics {args.n}x{args.n}: median {result['seconds_median']:.3f} s "
               f"(min {result['seconds_min']:.3f}, max {result['seconds_max']:.3f}; {result['threads']} threads) -> {path}")
         return

@@ -33,6 +33,9 @@ MAX_DECODE_THREADS = 4
 
 SAMPLING_MODES = ("uniform", "random")
 
+FRAME_SAMPLERS = ("vtr", "prompt_switch", "stan")
+"""Where ``sample_indices`` puts a clip's segments and the frames in them (see its docstring)."""
+
 
 class VideoDecodeError(ValueError):
     """A video file could not be opened or decoded; the message names the path and the id."""
@@ -44,60 +47,128 @@ def sample_indices(
     mode: str = "uniform",
     segments: int | None = None,
     *,
+    sampler: str = "vtr",
     generator: torch.Generator | None = None,
 ) -> np.ndarray:
     """Picks which frames of a clip to decode: the one frame sampler of the project.
 
-    The clip is split into ``segments`` equal segments, each contributing
-    ``num_frames // segments`` samples. The output is chunk-major: chunk ``c`` holds the
-    ``c``-th sample of every segment, so each run of ``segments`` consecutive outputs spans
-    the whole clip (Prompt Switch's sampler). With ``segments == num_frames`` (the default)
-    this is the usual one-frame-per-segment sampler.
+    The clip is split into ``segments`` segments, each contributing ``c = num_frames // segments``
+    samples. The output is chunk-major: chunk ``k`` holds the ``k``-th sample of every segment, so
+    each run of ``segments`` consecutive outputs spans the whole clip (Prompt Switch's sampler).
+    With ``segments == num_frames`` (the default) this is the usual one-frame-per-segment sampler.
+    ``mode`` ``"uniform"`` is the deterministic (evaluation) placement, ``"random"`` the training
+    draw. ``sampler`` picks the formulas, for a clip of ``n`` frames and S segments:
+
+    - ``"vtr"``: real-valued bounds, segment j is ``[j n / S, (j + 1) n / S)``. Uniform: sample
+      k sits at ``start + length (k + 1) / (c + 1)``, floored (c = 1: the segment's middle).
+      Random: a uniformly random frame in each of the T equal (segment, sample) slots. A clip
+      with ``n < num_frames`` yields each of its frames once (the caller pads and masks the rest).
+    - ``"prompt_switch"``: the official ``VideoCapture.load_frames_from_video``
+      (bladewaltz1/PromptSwitch ``datasets/video_capture.py``): ``min(S, n)`` segments with
+      integer bounds ``b = int(linspace(0, n, S + 1))``, segment j ending at ``e_j = b_{j+1} - 1``.
+      Uniform: ``b_j + (e_j - b_j) // (c + 1) * (k + 1)`` (the floored step puts frames up to 2
+      earlier than ``"vtr"``). Random: each sample uniform on ``b_j .. e_j - 1`` (the official
+      ``random.choice(range(b_j, e_j))`` never draws a segment's last frame). A clip with
+      ``n < S`` has n one-frame segments and, as the official loader repeats its last frame,
+      the last index is repeated up to ``num_frames``. On purpose: where the official random
+      draw meets a one-frame segment (an empty range: it raises) this takes that frame.
+    - ``"stan"``: mmaction2's ``UniformSample`` as STAN uses it (farewellthree/STAN
+      ``mmaction/datasets/transforms/loading.py``): ``s = (n - 1) / S``, segment j from
+      ``round(s j)`` to ``round(s (j + 1))`` (numpy's round-half-to-even), both ends included, so
+      neighbouring segments share their boundary frame. Uniform (``test_mode``, ``num_clips = c``):
+      ``round(s j) + int(s / (c + 1) * (k + 1))``. Random: a uniform frame of the segment, ends
+      included; one per segment (``UniformSample`` trains with one clip), so ``segments`` must be
+      ``num_frames``. Every ``n >= 1`` gives ``num_frames`` indices (short clips repeat frames).
 
     Args:
         num_available: Number of frames in the clip.
         num_frames: Number of output frames ``T``.
-        mode: ``"uniform"``: sample ``k`` of ``c`` per segment sits at
-            ``start + length * (k + 1) / (c + 1)`` (``c = 1``: the segment's middle).
-            ``"random"``: a uniformly random frame in each (segment, sub-slot) region.
+        mode: ``"uniform"`` or ``"random"``.
         segments: Number of segments; must divide ``num_frames``. None means ``num_frames``.
+        sampler: ``"vtr"``, ``"prompt_switch"`` or ``"stan"``.
         generator: Random source for ``mode="random"``. None uses torch's global generator,
             which DataLoader seeds differently in every worker.
 
     Returns:
-        int64 frame indices of length ``min(num_frames, num_available)``. A clip shorter than
-        ``num_frames`` yields all its frames in order (the caller pads and masks the rest).
+        int64 frame indices: ``min(num_frames, num_available)`` of them with ``"vtr"``,
+        ``num_frames`` with the official samplers.
 
     Raises:
-        ValueError: On an unknown mode, a non-positive count, or ``segments`` that does not
-            divide ``num_frames``.
+        ValueError: On an unknown mode or sampler, a non-positive count, ``segments`` that does
+            not divide ``num_frames``, or ``"stan"`` drawing at random more than one frame per
+            segment.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
+    if sampler not in FRAME_SAMPLERS:
+        raise ValueError(f"unknown frame sampler {sampler!r}; expected one of {FRAME_SAMPLERS}")
     segments = num_frames if segments is None else segments
-    if num_frames < 1 or segments < 1:
-        raise ValueError(f"num_frames ({num_frames}) and segments ({segments}) must be positive")
+    if num_available < 1 or num_frames < 1 or segments < 1:
+        raise ValueError(
+            f"num_available ({num_available}), num_frames ({num_frames}) and segments ({segments}) must be positive"
+        )
     if num_frames % segments:
         raise ValueError(
             f"num_frames ({num_frames}) must be a multiple of segments ({segments})"
         )
-    if num_available < num_frames:
-        return np.arange(num_available, dtype=np.int64)
     per_segment = num_frames // segments
-    if mode == "uniform":
-        seg = np.arange(segments)[:, None]
-        k = np.arange(per_segment)[None, :]
-        length = num_available / segments
-        position = seg * length + length * (k + 1) / (per_segment + 1)  # [segments, per_segment]
-        index = np.floor(position).astype(np.int64)
+    random = mode == "random"
+    if sampler == "vtr":
+        if num_available < num_frames:
+            return np.arange(num_available, dtype=np.int64)
+        index = _vtr_segments(num_available, segments, per_segment, random, generator)
+    elif sampler == "prompt_switch":
+        index = _prompt_switch_segments(num_available, segments, per_segment, random, generator)
     else:
-        # Sub-slot j of the segment-major order covers [n*j/T, n*(j+1)/T): at least one frame.
-        bounds = (np.arange(num_frames + 1) * num_available) // num_frames
-        low = torch.from_numpy(bounds[:-1])
-        width = torch.from_numpy(bounds[1:] - bounds[:-1])
-        offset = (torch.rand(num_frames, generator=generator, dtype=torch.float64) * width).long()
-        index = (low + torch.minimum(offset, width - 1)).numpy().reshape(segments, per_segment)
-    return np.ascontiguousarray(index.T).reshape(-1)  # chunk-major
+        index = _stan_segments(num_available, segments, per_segment, random, generator)
+    index = np.ascontiguousarray(index.T).reshape(-1)  # [segments, per_segment] -> chunk-major
+    return np.concatenate([index, np.full(num_frames - len(index), index[-1], dtype=np.int64)])
+
+
+def _uniform_draw(low: np.ndarray, width: np.ndarray, generator: torch.Generator | None) -> np.ndarray:
+    """One uniformly random integer in ``[low, low + width)`` per element (``width >= 1``)."""
+    offset = np.floor(torch.rand(low.shape, generator=generator, dtype=torch.float64).numpy() * width)
+    return low + np.minimum(offset.astype(np.int64), width - 1)
+
+
+def _vtr_segments(n: int, segments: int, per_segment: int, random: bool, generator) -> np.ndarray:
+    """``"vtr"``: ``[segments, per_segment]`` indices (``n >= num_frames``)."""
+    if random:
+        # sub-slot j of the segment-major order covers [n*j/T, n*(j+1)/T): at least one frame
+        bounds = (np.arange(segments * per_segment + 1) * n) // (segments * per_segment)
+        index = _uniform_draw(bounds[:-1], bounds[1:] - bounds[:-1], generator)
+        return index.reshape(segments, per_segment)
+    seg = np.arange(segments)[:, None]
+    k = np.arange(per_segment)[None, :]
+    length = n / segments
+    return np.floor(seg * length + length * (k + 1) / (per_segment + 1)).astype(np.int64)
+
+
+def _prompt_switch_segments(n: int, segments: int, per_segment: int, random: bool, generator) -> np.ndarray:
+    """``"prompt_switch"``: ``[min(segments, n), per_segment]`` indices."""
+    bounds = np.linspace(0, n, min(segments, n) + 1).astype(np.int64)  # the official ``intervals``
+    start, end = bounds[:-1, None], bounds[1:, None] - 1  # the official ``ranges``
+    if random:
+        shape = (len(start), per_segment)
+        width = np.broadcast_to(np.maximum(end - start, 1), shape)  # a one-frame segment: its frame
+        return _uniform_draw(np.broadcast_to(start, shape), width, generator)
+    return start + (end - start) // (per_segment + 1) * np.arange(1, per_segment + 1)[None, :]
+
+
+def _stan_segments(n: int, segments: int, per_segment: int, random: bool, generator) -> np.ndarray:
+    """``"stan"``: ``[segments, per_segment]`` indices."""
+    size = float(n - 1) / segments  # ``seg_size``
+    j = np.arange(segments)[:, None]
+    start = np.round(size * j).astype(np.int64)
+    if not random:
+        return start + (size / (per_segment + 1) * np.arange(1, per_segment + 1)[None, :]).astype(np.int64)
+    if per_segment != 1:
+        raise ValueError(
+            f"frame sampler 'stan' draws one random frame per segment (UniformSample trains with one clip): "
+            f"segments ({segments}) must equal num_frames ({segments * per_segment}) in random mode"
+        )
+    end = np.round(size * (j + 1)).astype(np.int64)
+    return _uniform_draw(start, end - start + 1, generator)
 
 
 def read_frames(
@@ -106,6 +177,7 @@ def read_frames(
     mode: str = "uniform",
     segments: int | None = None,
     *,
+    sampler: str = "vtr",
     video_id: str | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +192,14 @@ def read_frames(
             (what ``VideoTextDataModule(cache_frames=True)`` keeps in memory).
         mode: ``"uniform"`` or ``"random"`` (see ``sample_indices``).
         segments: Segments of the sampler (see ``sample_indices``).
+        sampler: ``"vtr"``, ``"prompt_switch"`` or ``"stan"`` (see ``sample_indices``).
         video_id: Dataset id, quoted in error messages. Defaults to the file stem.
         generator: Random source for ``mode="random"``.
 
     Returns:
-        ``(frames, mask)``: uint8 RGB frames ``[T, H, W, 3]`` and a bool mask ``[T]``. A clip
-        with ``n < T`` frames gives its ``n`` frames in order followed by ``T - n`` zero frames
-        whose mask is False.
+        ``(frames, mask)``: uint8 RGB frames ``[T, H, W, 3]`` and a bool mask ``[T]``. With the
+        ``"vtr"`` sampler a clip with ``n < T`` frames gives its ``n`` frames in order followed
+        by ``T - n`` zero frames whose mask is False (the official samplers repeat frames).
 
     Raises:
         VideoDecodeError: The file is missing or empty, is not a video, has no video stream,
@@ -144,12 +217,12 @@ def read_frames(
     if path.stat().st_size == 0:
         raise fail("file is empty (0 bytes)")
     if num_frames is not None:
-        sample_indices(num_frames, num_frames, mode, segments)  # argument errors stay ValueErrors
+        sample_indices(num_frames, num_frames, mode, segments, sampler=sampler)  # argument errors stay ValueErrors
 
     def pick(available: int) -> np.ndarray:
         if num_frames is None:
             return np.arange(available)
-        return sample_indices(available, num_frames, mode, segments, generator=generator)
+        return sample_indices(available, num_frames, mode, segments, sampler=sampler, generator=generator)
 
     try:
         with av.open(str(path)) as container:

@@ -1,0 +1,168 @@
+"""``vtr bench loader``: the DataModule's video loader against raw PyAV decoding of the same frames.
+
+For each worker count, clips/s of
+
+- ``raw``: plain PyAV, no vtr code: open the file, decode forward to the last sampled frame,
+  convert the sampled frames (the same ``sample_indices`` over the container's frame count) to
+  RGB arrays; with workers, the same function mapped over a warm process pool;
+- ``loader``: ``VideoTextDataModule``'s evaluation videos loader (decode, sample, CLIP
+  transform to the backbone's size, batching), iterated over the same clips;
+- ``loader_cached``: the same loader with ``cache_frames`` on, second pass (frames from memory);
+- ``raw_prepared`` / ``loader_prepared``: both again on the ``vtr prepare``d copies (3 fps,
+  short side 224) of the clips.
+
+``ratio`` = loader clips/s over raw clips/s at the same worker count (target >= 0.9). By
+default the clips are generated once under ``$VTR_CACHE/bench-loader`` (MSR-VTT layout,
+``--num-videos`` clips of ``--seconds`` s at 30 fps, 320x240); ``--annotations-dir`` /
+``--videos-dir`` point it at a real MSR-VTT-layout test split instead. Results go to
+``<out>/loader_<device>_..._torch<v>_vtr<v>.csv`` (``--out`` default ``runs/bench``; pass
+``--out experiments/results`` to write the committed table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from retrieval.bench.latency import result_filename
+from retrieval.data.datamodule import VideoTextDataModule, default_cache_dir
+from retrieval.data.video import sample_indices, write_video
+from retrieval.tools.prepare import prepare_folder
+
+COLUMNS = ("source", "mode", "workers", "num_videos", "num_frames", "clips_per_s", "ratio", "pyav", "python")
+
+
+def raw_decode(path: str, num_frames: int) -> np.ndarray:
+    """The sampled frames of a clip with plain PyAV: ``[num_frames, H, W, 3]`` uint8."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if not stream.frames:
+            raise ValueError(f"{path}: the container reports no frame count (the raw baseline needs one)")
+        wanted = sample_indices(stream.frames, num_frames, "uniform").tolist()
+        kept: dict[int, np.ndarray] = {}
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                kept[index] = frame.to_ndarray(format="rgb24")
+            if index >= wanted[-1]:
+                break
+    return np.stack([kept[i] for i in wanted])
+
+
+def generate_clips(root: Path, num_videos: int, seconds: int, fps: int = 30, size=(240, 320)) -> Path:
+    """``num_videos`` moving-gradient clips and a JSFusion test csv in MSR-VTT layout (kept if present)."""
+    videos = root / "videos"
+    csv_path = root / "MSRVTT_JSFUSION_test.csv"
+    if csv_path.is_file() and len(list(videos.glob("*.mp4"))) == num_videos:
+        return root
+    videos.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    rows = []
+    for i in range(num_videos):
+        t = np.arange(seconds * fps)[:, None, None]
+        frames = np.stack([(x[None] + 3 * t + 40 * i) % 256, (y[None] + 2 * t) % 256,
+                           (x[None] + y[None] + t * (i + 1)) % 256], axis=-1).astype(np.uint8)
+        write_video(videos / f"video{i}.mp4", frames, fps=fps)
+        rows.append({"key": f"ret{i}", "vid_key": f"msr{i}", "video_id": f"video{i}", "sentence": f"clip {i}"})
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_raw(paths: list[str], num_frames: int, workers: int, repeats: int) -> float:
+    """Clips/s of ``raw_decode`` over ``paths`` (a warm pool of ``workers`` processes, or inline)."""
+    if workers == 0:
+        return len(paths) / _time(lambda: [raw_decode(p, num_frames) for p in paths], repeats)
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(raw_decode, paths[:workers], [num_frames] * workers))  # start the workers
+        return len(paths) / _time(lambda: list(pool.map(raw_decode, paths, [num_frames] * len(paths))), repeats)
+
+
+def bench_loader(annotations_dir: Path, videos_dir: Path, num_frames: int, workers: int, repeats: int,
+                 cache: bool) -> float:
+    """Clips/s of the DataModule's test videos loader (with ``cache``: a pass after the filling one)."""
+    data = VideoTextDataModule(dataset="msrvtt", annotations_dir=str(annotations_dir), videos_dir=str(videos_dir),
+                               backbone="ViT-B-32", num_frames=num_frames, eval_batch_size=8, num_workers=workers,
+                               cache_frames=cache)
+    data.setup("test")
+    loader = data.test_dataloader()[0]
+    count = len(loader.dataset)
+    if cache or workers:
+        for _ in loader:  # fills the cache / starts the persistent workers
+            pass
+    return count / _time(lambda: [None for _ in loader], repeats)
+
+
+def run(annotations_dir: Path, videos_dir: Path, prepared_dir: Path | None, workers: list[int], num_frames: int,
+        repeats: int) -> list[dict]:
+    """Every (source, mode, workers) row."""
+    ids = [row["video_id"] for row in csv.DictReader(open(annotations_dir / "MSRVTT_JSFUSION_test.csv"))]
+    sources = {"original": videos_dir, **({"prepared": prepared_dir} if prepared_dir else {})}
+    rows = []
+    for source, folder in sources.items():
+        paths = [str(folder / f"{video_id}.mp4") for video_id in ids]
+        for w in workers:
+            raw = bench_raw(paths, num_frames, w, repeats)
+            modes = {"raw": raw, "loader": bench_loader(annotations_dir, folder, num_frames, w, repeats, False)}
+            if source == "original":
+                modes["loader_cached"] = bench_loader(annotations_dir, folder, num_frames, w, repeats, True)
+            for mode, clips in modes.items():
+                rows.append({"source": source, "mode": mode, "workers": w, "num_videos": len(paths),
+                             "num_frames": num_frames, "clips_per_s": round(clips, 2), "ratio": round(clips / raw, 3),
+                             "pyav": av.__version__, "python": platform.python_version()})
+                print(f"{source:9s} {mode:14s} workers={w}: {clips:8.2f} clips/s ({clips / raw:.2f}x raw)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """``vtr bench loader [--workers 0 1 2] [--num-videos 24] [--out runs/bench] ...``."""
+    parser = argparse.ArgumentParser(prog="vtr bench loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--annotations-dir", type=Path, help="MSR-VTT-layout folder (default: generated clips)")
+    parser.add_argument("--videos-dir", type=Path, help="its videos (default: <annotations-dir>/videos)")
+    parser.add_argument("--num-videos", type=int, default=24, help="generated clips")
+    parser.add_argument("--seconds", type=int, default=8, help="length of the generated clips")
+    parser.add_argument("--num-frames", type=int, default=12)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-prepared", action="store_true", help="skip the vtr-prepared copies")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(argv[1:] if argv and argv[0] == "loader" else argv)
+    torch.set_num_threads(1)  # the loader's transform runs beside the decoders, as in training
+    root = args.annotations_dir or generate_clips(default_cache_dir() / "bench-loader" / f"{args.num_videos}x{args.seconds}s",
+                                                  args.num_videos, args.seconds)
+    videos = args.videos_dir or root / "videos"
+    prepared = None
+    if not args.no_prepared:
+        prepared = root / "prepared" if not args.annotations_dir else args.out / "prepared-videos"
+        if failures := prepare_folder(videos, prepared, max(args.workers) or 1):
+            raise SystemExit(f"vtr bench loader: {len(failures)} videos could not be prepared")
+    rows = run(root, videos, prepared, args.workers, args.num_frames, args.repeats)
+    path = args.out / result_filename("loader", torch.device("cpu"), "uint8", os.cpu_count() or 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    return rows
