@@ -46,17 +46,21 @@ def load_compared(compare_dir: Path, method: str, recipes_dir: Path) -> tuple[An
     return build_method(config, {"pretrained": None}, ckpt), payload.get("datamodule_hyper_parameters") or {}
 
 
-def test_features(model, data_args: dict[str, Any]) -> tuple[TextFeatures, VideoFeatures, torch.Tensor, dict]:
-    """The test split encoded by ``model`` with its own data settings: text, video, caption_video, annotations."""
+def test_features(model, data_args: dict[str, Any], device: str | torch.device = "cpu"
+                  ) -> tuple[TextFeatures, VideoFeatures, torch.Tensor, dict]:
+    """The test split encoded by ``model`` (moved to ``device``) with its own data settings:
+    text, video, caption_video, annotations (with the captions' ``tokens``), all on ``device``."""
     data = VideoTextDataModule(**{**data_args, "num_workers": 0})
     data.prepare_data()
     data.setup("test")
     videos, captions = data.test_dataloader()
+    model.to(device).eval()
     with torch.inference_mode():
-        video = VideoFeatures.cat([model.encode_video(b["frames"], b["frame_mask"]) for b in videos])
-        text = TextFeatures.cat([model.encode_text(b["tokens"]) for b in captions])
+        video = VideoFeatures.cat([model.encode_video(b["frames"].to(device), b["frame_mask"].to(device))
+                                   for b in videos])
+        text = TextFeatures.cat([model.encode_text(b["tokens"].to(device)) for b in captions])
         caption_video = torch.cat([b["video_index"] for b in captions])
-        tokens = torch.cat([b["tokens"] for b in captions])
+        tokens = torch.cat([b["tokens"] for b in captions]).to(device)
     return text, video, caption_video, {**data.eval_annotations("test"), "tokens": tokens}
 
 
@@ -68,35 +72,51 @@ def accuracy(similarity: torch.Tensor, caption_video: torch.Tensor, annotations:
 
 
 def frontier_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per (recaller, reranker, k, gallery N): accuracy on the test split, ms/query at N.
+
+    ``k = 0`` is the pure recaller (timed alone, its own text tower) and ``k = N`` the pure
+    re-ranker (timed alone): the frontier's two ends at each N, accuracy measured with every test
+    video re-ranked. In between, the two-stage retriever with each ``-k`` below the test size
+    (a k that the test split cannot tell from the re-ranker is left out, logged).
+    """
     methods = {m: load_compared(args.compare_dir, m, args.recipes_dir) for m in {*args.recallers, *args.rerankers}}
-    encoded = {m: test_features(model, data) for m, (model, data) in methods.items()}
+    encoded = {m: test_features(model, data, args.device) for m, (model, data) in methods.items()}
     base = {"device": device_name(torch.device(args.device)), "dtype": "fp32", "threads": torch.get_num_threads(),
             "batch": 1, "torch": torch.__version__, "vtr": retrieval.__version__}
     rows = []
+
+    def timed(model, tokens, video, n: int) -> dict[str, Any]:
+        return time_online(model, tokens, video.repeat_to(n), 1, repeats=args.repeats, warmup=1,
+                           max_seconds=args.max_seconds_per_point)
+
     for recaller in args.recallers:
         for reranker in args.rerankers:
             r_model, rr_model = methods[recaller][0], methods[reranker][0]
             rt, rv, caption_video, annotations = encoded[recaller]
-            rrt, rrv, _, _ = encoded[reranker]
-            pair = TwoStage(r_model, rr_model, 1).to(args.device)
+            rrt, rrv, rr_captions, rr_annotations = encoded[reranker]
+            if not torch.equal(caption_video, rr_captions):
+                raise ValueError(f"{recaller} and {reranker} were trained on different test splits "
+                                 f"(their checkpoints' datamodule settings differ): no common frontier")
+            pair = TwoStage(r_model, rr_model, 1)
             text, video = join(rt, rrt), join(rv, rrv)
-            tokens = annotations["tokens"][:, :pair.max_words]
             n_test = len(video)
-            # k = 0 marks the pure recaller, k = N the pure re-ranker (the frontier's ends)
-            for k in (0, *[k for k in args.k if k < n_test], n_test):
-                if k == 0:
-                    model, v, sim = r_model, rv, r_model.similarity(rt, rv)
-                else:
+            ks = [k for k in args.k if k < n_test]
+            if len(ks) < len(args.k):
+                log.warning("k >= %d (the test split's size) is the re-ranker itself: left out: %s", n_test,
+                            [k for k in args.k if k >= n_test])
+            points = [(0, r_model, rt, rv, annotations["tokens"][:, :r_model.max_words]),
+                      *[(k, pair, text, video, annotations["tokens"][:, :pair.max_words]) for k in ks],
+                      (None, rr_model, rrt, rrv, rr_annotations["tokens"][:, :rr_model.max_words])]
+            for k, model, t, v, tokens in points:
+                if model is pair:
                     pair.k = k
-                    model, v, sim = pair, video, pair.similarity(text, video)
-                acc = accuracy(sim, caption_video, annotations)
+                acc = accuracy(model.similarity(t, v).cpu(), caption_video, annotations)
                 for n in [n_test, *args.gallery]:
-                    tok = tokens if model is pair else tokens[:, :r_model.max_words]
-                    timing = time_online(model, tok, v.repeat_to(n), 1, repeats=args.repeats, warmup=1,
-                                         max_seconds=args.max_seconds_per_point)
+                    timing = timed(model, tokens, v, n)
+                    row_k = n if k is None else k  # k = N: every video re-ranked
                     rows.append({**base, **acc, **timing, "recaller": recaller, "reranker": reranker,
-                                 "k": k, "gallery": n})
-                    log.warning("%s -> %s k=%d N=%d: R@1 %.1f, %.3g ms/query", recaller, reranker, k, n,
+                                 "k": row_k, "gallery": n})
+                    log.warning("%s -> %s k=%d N=%d: R@1 %.1f, %.3g ms/query", recaller, reranker, row_k, n,
                                 acc["t2v_R@1"], timing["ms_per_query_median"])
     return rows
 
