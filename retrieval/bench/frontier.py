@@ -167,6 +167,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (committed: experiments/results)")
+    p.set_defaults(tool=__name__)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -518,9 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--threads", type=int, default=None)
     met.add_argument("--out", type=Path, default=DEFAULT_OUT,
                      help="output folder (the committed results: experiments/results)")
-    from retrieval.bench import frontier, gallery  # they import this module
+    from retrieval.bench import frontier, gallery, train_step  # they import this module
 
-    for tool in (gallery, frontier):
+    for tool in (gallery, frontier, train_step):
         tool.add_parser(sub)
     return parser
 
@@ -529,8 +529,8 @@ def main(argv: Sequence[str]) -> None:
     """``vtr bench latency ...`` / ``vtr bench metrics ...`` (``argv[0]`` is the tool name)."""
     args = build_parser().parse_args(list(argv[1:]))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("gallery", "frontier"):
-        importlib.import_module(f"retrieval.bench.{args.command}").run(args)
+    if getattr(args, "tool", None):  # a tool of its own module (gallery, frontier, train)
+        importlib.import_module(args.tool).run(args)
         return
     if args.command == "metrics":
         if args.threads:
