@@ -165,3 +165,16 @@ def test_gallery_and_frontier_commands_run_on_tiny_sizes(tmp_path, monkeypatch):
     assert {(r["store"], r["batch"]) for r in rows} == {(s, b) for s in ("fp32", "bf16", "fp16", "int8") for b in "18"}
     assert all(float(r["ratio_to_floor"]) > 0 for r in rows)
     assert [float(r["recall_at_k"]) for r in rows if r["store"] == "fp32"] == [100.0, 100.0]
+
+
+def test_gallery_rows_timed_on_a_busy_cpu_say_so(monkeypatch):
+    from retrieval.bench import gallery
+
+    monkeypatch.setattr(gallery.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(gallery.os, "getloadavg", lambda: (1.3, 1.0, 1.0))  # one core busy elsewhere
+    note = gallery.contention_note(torch.device("cpu"), 2)
+    assert "load 1.3 on 2 cores with 2 threads" in note and "--threads 1" in note
+    assert gallery.contention_note(torch.device("cpu"), 1) == ""  # one thread fits the idle core
+    assert gallery.contention_note(torch.device("cuda"), 2) == ""
+    monkeypatch.setattr(gallery.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert gallery.contention_note(torch.device("cpu"), 2) == ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -157,6 +158,23 @@ def recall_at(found: Tensor, truth: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------- ``vtr bench gallery``
+def contention_note(device: torch.device, threads: int) -> str:
+    """A note for rows timed on a CPU whose other load leaves fewer idle cores than ``threads``.
+
+    Then every parallel region waits at its barrier for a thread the OS has descheduled: on this
+    project's 2-core host under a concurrent run, a 0.04 ms cast of 65k floats took 10 ms at 2
+    threads, and the int8 and bf16 stores' batch-1 search at 1M x 64 (a dozen small parallel ops
+    per chunk) 470-800 ms against 17-24 ms at 1 thread: contention, not a slow kernel.
+    """
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load + threads <= cores + 0.5:
+        return ""
+    return (f"contended: host load {load:.1f} on {cores} cores with {threads} threads "
+            f"(rerun on an idle host or with --threads {max(1, int(cores - load))})")
+
+
 def _time(run, repeats: int, device: torch.device) -> list[float]:
     run()  # warm-up
     times = []
@@ -262,7 +280,11 @@ def run(args: argparse.Namespace) -> None:
     path = args.out / result_filename("gallery", device, "mixed", torch.get_num_threads())
     rows = []
     for n in args.gallery:
-        rows += bench_stores(n, args.dim, args.batch, args.store, args.k, args.repeats, args.device, args.faiss)
+        note = contention_note(device, torch.get_num_threads())
+        if note:
+            log.warning("vtr bench gallery N=%d: %s", n, note)
+        rows += [{**row, "note": note} for row in bench_stores(n, args.dim, args.batch, args.store, args.k,
+                                                               args.repeats, args.device, args.faiss)]
         merge_rows(path, rows, COLUMNS, ROW_KEY)
     print(f"{'index':<11}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'floor':>9}{'ratio':>7}{'recall':>8}")
     for r in rows:
