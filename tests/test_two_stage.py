@@ -178,3 +178,15 @@ def test_gallery_rows_timed_on_a_busy_cpu_say_so(monkeypatch):
     assert gallery.contention_note(torch.device("cuda"), 2) == ""
     monkeypatch.setattr(gallery.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     assert gallery.contention_note(torch.device("cpu"), 2) == ""
+
+
+def test_int8_search_with_a_last_chunk_of_few_rows_is_exact_on_its_codes():
+    from retrieval.bench.gallery import dequantize, exact_topk, quantize
+
+    x = torch.randn(70, 16, generator=torch.Generator().manual_seed(2))
+    codes, scale = quantize(x, "int8")
+    q = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))
+    q_codes, q_scale = quantize(q, "int8")
+    truth = (dequantize(q_codes, q_scale) @ dequantize(codes, scale).T).topk(5, dim=1)  # the same products, unchunked
+    got = exact_topk(q, codes, scale, 5, chunk=64)  # chunks of 64 and 6 rows
+    assert torch.equal(got[1], truth.indices) and torch.allclose(got[0], truth.values, rtol=1e-5)

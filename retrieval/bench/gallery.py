@@ -126,6 +126,10 @@ def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         ``(scores [B, k], indices [B, k])``, best first.
     """
     n, b, k = len(codes), len(queries), min(k, len(codes))
+    if codes.device.type == "cuda" and chunk is None:
+        # no cache to fit: cache-sized chunks (1024 rows at D = 512) would be launch-bound, ~1k
+        # launches per query at 1M; a chunk holds up to 64M scores (256 MB of fp32)
+        chunk = max(65536, 2**26 // max(b, 8))
     if scale is None:
         chunk = min(n, chunk or chunk_rows(b, codes.shape[1]))
         q = queries.to(codes.dtype).T.contiguous()  # [D, B]
@@ -142,7 +146,9 @@ def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         if scale is None:
             out = torch.mm(part, q, out=scores[:rows])
         else:
-            out = torch._int_mm(part, q)[:, :b].float().mul_(scale[start:start + rows]).mul_(q_scale)
+            if rows <= 16:  # CUDA's int8 kernel needs more than 16 rows: zero rows, sliced off
+                part = torch.nn.functional.pad(part, (0, 0, 0, 17 - rows))
+            out = torch._int_mm(part, q)[:rows, :b].float().mul_(scale[start:start + rows]).mul_(q_scale)
         top = out.topk(min(k, rows), dim=0)
         values.append(top.values.float())
         indices.append(top.indices + start)
