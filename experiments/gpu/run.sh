@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 if [ "${VTR_GPU_DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu; GALLERIES="1000"; BACKBONE="--backbone vtr-micro"; GALLERY_N=1000
   RECIPES="--config experiments/model/meanpool.yaml --config experiments/model/xclip.yaml"
-  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(120 60 90 120)
+  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(180 60 90 120)
 else
   DEVICE=cuda; GALLERIES="1000 10000 100000 1000000"; BACKBONE=""; GALLERY_N=1000000
   RECIPES="--all --recipes-dir experiments/model"
