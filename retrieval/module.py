@@ -10,9 +10,10 @@ and optionally ``auxiliary_losses``. Everything else is here and shared: the tra
 (features gathered across ranks with gradients, symmetric InfoNCE, logit-scale clamp),
 evaluation (each video and caption encoded once, gathered with their dataset indices, the
 distributed sampler's padding duplicates dropped, ``score`` applied in gallery chunks,
-metrics split across ranks), parameter groups (CLIP lr, from the method's
-``clip_lr_parameters``, vs new-module lr; no decay on norms, biases, embeddings and the logit
-scale) and the step-wise warmup-cosine schedule.
+metrics split across ranks), exact resumption (the torch random states travel in the
+checkpoint and are restored when training restarts), parameter groups (CLIP lr, from the
+method's ``clip_lr_parameters``, vs new-module lr; no decay on norms, biases, embeddings and
+the logit scale) and the step-wise warmup-cosine schedule.
 
 Training, evaluation, the offline index and the latency benchmark all call the same three
 stages: what is timed is what is scored.
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
@@ -125,6 +127,7 @@ class RetrievalModule(L.LightningModule):
         self.eval_chunk_size = eval_chunk_size
         self.eval_features: dict[str, tuple[TextFeatures, VideoFeatures, Tensor]] = {}
         self._eval_buffers: dict[str, list] = {"video": [], "text": []}
+        self._rng_to_restore: dict[str, Tensor | list[Tensor]] | None = None
 
     # ------------------------------------------------------------------ the three stages
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
@@ -232,6 +235,25 @@ class RetrievalModule(L.LightningModule):
         with torch.no_grad():
             self.clip.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
+    # ------------------------------------------------------------------ exact resumption
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # dropout, DropPath and random frame sampling draw from these: a resumed run must
+        # continue their streams, not restart them from the seed
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # after Lightning has built the loaders (and drawn their seeds), before the first step
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+
     def configure_optimizers(self):
         clip_lr_ids = {id(p) for p in self.clip_lr_parameters()}
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -290,7 +312,9 @@ class RetrievalModule(L.LightningModule):
     def _gather_unique(self, index: Tensor, fields: dict[str, Tensor], what: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Gather rows from all ranks, drop the sampler's padding duplicates, sort by index."""
         gathered = self.all_gather({"index": index, **fields})
-        if self.trainer.world_size > 1:
+        # all_gather prepends the world dimension whenever a process group exists, a world of
+        # one included (DDP on a single device), and never without one
+        if gathered["index"].dim() == 2:
             gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
         index = gathered.pop("index")
         unique, first = _first_occurrence(index)
@@ -346,6 +370,19 @@ class RetrievalModule(L.LightningModule):
                 metrics.update(callback.evaluation_rows(self, stage, text, video, caption_video))
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=False, rank_zero_only=False)
         self.log(f"{stage}/t2v_R1", metrics["t2v/R@1"], prog_bar=True)
+
+
+class FreezeVisionTower(BaseFinetuning):
+    """CLIP's vision tower frozen for the whole run (CLIP4Clip's ``freeze_layer_num`` at its
+    maximum): a method's own modules, the text tower and what a method places inside the ViT
+    (Prompt Switch's cube and aggregation, STAN's branch) still train. ``vtr compare``'s default;
+    with ``vtr fit``, add it to ``trainer.callbacks`` (``experiments/trainer/cpu-quick.yaml``)."""
+
+    def freeze_before_training(self, pl_module: RetrievalModule) -> None:
+        self.freeze(pl_module.clip.visual)
+
+    def finetune_function(self, pl_module: RetrievalModule, epoch: int, optimizer) -> None:
+        """Never unfrozen."""
 
 
 def frame_products(frames: Tensor, operand: Tensor) -> Tensor:

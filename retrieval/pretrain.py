@@ -11,14 +11,19 @@ The checkpoint is an open_clip state dict, so methods load it through the ordina
 weights, 80 % of them the token-embedding table, and rebuilt bit-for-bit from the seed on
 CPU in a few minutes) under ``$VTR_CACHE/backbones`` with a manifest of the parameters it was
 built with; a cache entry with other parameters is never reused or overwritten.
+
+``vtr pretrain`` prints the path of the default one (building it first if needed), for
+``vtr fit ... --model.init_args.pretrained "$(vtr pretrain)"``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,3 +127,13 @@ def _train(config: PretrainConfig, progress: bool) -> tuple[dict[str, torch.Tens
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
     return model.state_dict(), loss.item()
+
+
+def main(argv: Sequence[str]) -> None:
+    """``vtr pretrain``: print the path of the default pretrained backbone, building it if needed."""
+    parser = argparse.ArgumentParser(
+        prog="vtr pretrain",
+        description="Print the path of vtr-tiny pretrained on synthetic frames (what `vtr compare` fine-tunes "
+                    "from), cached under $VTR_CACHE/backbones; the first call builds it (about 3 CPU-minutes).")
+    parser.parse_args(list(argv[1:]) if argv and argv[0] == "pretrain" else list(argv))
+    print(pretrained_backbone())

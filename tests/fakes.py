@@ -81,3 +81,14 @@ def t2v_by_hand(model, data: FakeVideoText) -> dict[str, float]:
     positive = scores.gather(1, data.caption_video[:, None])  # [Q, 1]
     ranks = 1 + (scores > positive).sum(1) + (scores == positive).sum(1) - 1
     return {"t2v/R@1": 100.0 * (ranks == 1).double().mean().item(), "t2v/MnR": ranks.double().mean().item()}
+
+
+class Interrupt(L.Callback):
+    """Stops a run with an error after ``after_steps`` optimizer steps, as a crash or a pre-emption would."""
+
+    def __init__(self, after_steps: int) -> None:
+        self.after_steps = after_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.after_steps:
+            raise RuntimeError(f"interrupted after step {trainer.global_step}")

@@ -120,6 +120,21 @@ def test_pair_sampler_seeded_and_sharded():
         PairBatchSampler(DistributedSampler(data, num_replicas=1, rank=0), 5, pairs=pairs)
 
 
+def test_pair_sampler_resumes_mid_epoch_then_follows_set_epoch():
+    pairs = [([4 * p, 4 * p + 1], [4 * p + 2, 4 * p + 3]) for p in range(10)]
+    layout = DistributedSampler(list(range(40)), num_replicas=1, rank=0)
+    epochs = [_epoch(PairBatchSampler(layout, 4, pairs=pairs, seed=1), e) for e in range(3)]
+
+    def fresh(resume):  # Lightning iterates a resumed loader before it calls set_epoch: epoch 0 here
+        return PairBatchSampler(DistributedSampler(list(range(40)), num_replicas=1, rank=0), 4, pairs=pairs, seed=1,
+                                resume=resume)
+
+    resumed = fresh((1, 2))
+    assert list(resumed) == epochs[1][2:]
+    assert _epoch(resumed, 2) == epochs[2]
+    assert list(fresh((1, 5))) == epochs[2]  # saved at the end of epoch 1
+
+
 def test_lightning_injects_its_distributed_sampler(dm):
     """What Lightning does to a training loader under DDP: re-create the batch sampler."""
     with _replace_dunder_methods(BatchSampler):

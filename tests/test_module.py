@@ -8,7 +8,7 @@ from fakes import FakeVideoText
 from baselines.clip4clip import MeanPool, SeqTransf
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import retrieval_metrics
-from retrieval.module import LOGIT_SCALE_MAX, OptimConfig, warmup_cosine
+from retrieval.module import LOGIT_SCALE_MAX, FreezeVisionTower, OptimConfig, warmup_cosine
 
 
 def _video(t=4, b=3, size=64, seed=0):
@@ -41,6 +41,18 @@ def test_parameter_groups(trainer_kwargs):
     assert by_id[id(names["temporal.blocks.0.attn.in_proj_weight"])] == "new"
     assert by_id[id(names["clip.visual.conv1.weight"])] == "clip"
     assert {id(p) for p in model.new_parameters()} == {id(p) for p in groups["new"]["params"] + groups["new/no_decay"]["params"]}
+
+
+def test_frozen_vision_tower_keeps_its_weights_and_the_rest_trains(trainer_kwargs):
+    model = SeqTransf(backbone="vtr-micro", num_frames=4, max_words=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L.Trainer(**trainer_kwargs, max_steps=2, callbacks=[FreezeVisionTower()])
+    trainer.fit(model, FakeVideoText(num_frames=4, size=32, max_words=16))
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        visual = name.startswith("clip.visual.")
+        assert (id(p) in optimized) is not visual, name
+        assert torch.equal(p, before[name]) is visual or name == "clip.logit_scale", name
 
 
 def test_decay_all_puts_everything_in_decay_groups(trainer_kwargs):

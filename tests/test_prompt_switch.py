@@ -12,6 +12,7 @@ import yaml
 from fakes import FakeVideoText
 from jsonargparse import ArgumentParser
 
+from retrieval.bench import read_recipe
 from retrieval.module import RetrievalModule
 from retrieval.prompt_switch import (
     PROMPT_SWITCH_OPTIM,
@@ -85,8 +86,10 @@ def test_recipe_yaml_parses():
     assert (args.num_frames, args.eval_num_frames, args.num_prompts) == (6, 12, 6)
     assert PROMPT_SWITCH_OPTIM.__dict__ == vars(args.optim)
     assert recipe["seed_everything"] == 24 and recipe["trainer"] == {"max_epochs": 5, "gradient_clip_val": 1.0}
-    assert recipe["data"] == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6,
-                              "frame_sampler": "prompt_switch", "max_words": 77, "batch_size": 32}
+    assert recipe["data"] == {"frame_segments": 6, "frame_sampler": "prompt_switch", "batch_size": 32}
+    linked = read_recipe(Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml")["data"]  # as vtr fit links it
+    assert linked == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6, "frame_sampler": "prompt_switch",
+                      "max_words": 77, "batch_size": 32}
 
 
 def test_switch_reads_the_transposed_prompt():

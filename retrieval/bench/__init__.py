@@ -38,6 +38,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from retrieval.backbone import weights_quick_gelu
+from retrieval.data.datamodule import MODEL_SETTINGS
 from retrieval.module import RetrievalModule
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,29 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     the variant) and holds only what it changes; mappings are merged key by key onto the base,
     so the variant follows every later edit of its recipe.
 
+    The ``data`` section comes back as ``vtr fit`` links it: ``num_frames`` and ``max_words``
+    (and ``eval_num_frames`` for a method that fixes it) are the model's ``init_args``. The
+    backbone is not copied: every tool sets the data's from the model it builds.
+
     Raises:
         FileNotFoundError: no file at ``path`` (or at a ``base`` it names).
-        ValueError: the file has no ``model: {class_path, init_args}`` section, or its bases
-            form a cycle.
+        ValueError: the file has no ``model: {class_path, init_args}`` section, its bases
+            form a cycle, or its ``data`` section contradicts a setting linked from the model.
     """
     recipe = _read_with_bases(Path(path), ())
     model = recipe.get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise ValueError(f"{path} has no 'model: {{class_path: ..., init_args: ...}}' section")
-    return recipe
+    init_args, data = model.get("init_args") or {}, dict(recipe.get("data") or {})
+    for key in (*MODEL_SETTINGS, "eval_num_frames"):
+        if key not in init_args:
+            continue
+        if key in data and data[key] != init_args[key]:
+            raise ValueError(f"{path}: data.{key}={data[key]!r} contradicts model.init_args.{key}={init_args[key]!r}; "
+                             f"data.{key} is the model's: set model.init_args.{key} only")
+        if key != "backbone":
+            data[key] = init_args[key]
+    return {**recipe, "data": data} if data else recipe
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from rich.table import Table
 from retrieval.bench import build_method, read_recipe
 from retrieval.bench.latency import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.module import FreezeVisionTower, OptimConfig, RetrievalModule
 from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
 
@@ -152,14 +152,14 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
     overrides = {"backbone": "vtr-tiny", "pretrained": str(backbone_ckpt), "num_frames": frames["num_frames"],
                  "max_words": preset.max_words, "optim": asdict(preset.optim)}
     model = build_method(recipe["model"], overrides, seed=seed).train()
-    if preset.freeze_vision_tower:  # CLIP4Clip's freeze_layer_num, all layers: methods' own modules still train
-        model.clip.visual.requires_grad_(False)
     checkpoint = ModelCheckpoint(dirpath=out / name / "checkpoints", monitor="val/t2v_R1", mode="max",
                                  filename="best", save_top_k=1, enable_version_counter=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=preset.steps, val_check_interval=preset.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=None, deterministic=True,
-        logger=CSVLogger(out, name=name, version=""), callbacks=[checkpoint, *([postprocess] if postprocess else [])], enable_model_summary=False,
+        logger=CSVLogger(out, name=name, version=""), enable_model_summary=False,
+        callbacks=[checkpoint, *([FreezeVisionTower()] if preset.freeze_vision_tower else []),
+                   *([postprocess] if postprocess else [])],
     )
     console.rule(f"[bold]{name}[/] ({recipe['model']['class_path']})")
     L.seed_everything(seed, verbose=False)

@@ -27,7 +27,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from retrieval.data import synthetic
@@ -37,6 +37,8 @@ from retrieval.data.video import FRAME_SAMPLERS, SAMPLING_MODES, pad_frames, rea
 
 _EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+MODEL_SETTINGS = ("backbone", "num_frames", "max_words")
+"""Options the data shares with the model: ``vtr fit`` links them from ``model.init_args``."""
 
 
 def default_cache_dir() -> Path:
@@ -218,6 +220,11 @@ class PairBatchSampler(BatchSampler):
     ``*_dataloader`` hook) and calls its ``set_epoch`` every epoch, so
     ``use_distributed_sampler=True`` (the default) needs no special handling.
 
+    Resuming mid-epoch: Lightning restores its batch counter but iterates the loader afresh,
+    and it builds that iterator before it sets the resumed epoch. With ``resume=(epoch,
+    batches_done)`` the first iteration is that epoch's order without its first
+    ``batches_done`` batches (per rank); later iterations follow ``set_epoch`` again.
+
     Args:
         sampler: Supplies ``num_replicas``, ``rank`` and ``epoch``.
         batch_size: Items per batch (even).
@@ -225,6 +232,7 @@ class PairBatchSampler(BatchSampler):
             repeating batches from its start until it divides among the replicas.
         pairs: Per pair, the dataset item indices of each clip's captions.
         seed: Shuffling seed.
+        resume: ``(epoch, batches_done)`` of an interrupted epoch, or None.
     """
 
     def __init__(
@@ -235,6 +243,7 @@ class PairBatchSampler(BatchSampler):
         *,
         pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
         seed: int = 0,
+        resume: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if batch_size % 2:
@@ -243,6 +252,7 @@ class PairBatchSampler(BatchSampler):
             raise ValueError("pair batches need at least one pair")
         self.pairs = [(list(a), list(b)) for a, b in pairs]
         self.seed = seed
+        self.resume = resume
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that seeds the shuffle (Lightning sets it on ``sampler``)."""
@@ -258,14 +268,18 @@ class PairBatchSampler(BatchSampler):
         return self._num_batches()
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.sampler.epoch)
+        epoch, done = self.resume or (self.sampler.epoch, 0)
+        self.resume = None
+        if done >= len(self):  # saved once its epoch was over: the next one starts
+            epoch, done = epoch + 1, 0
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.pairs), generator=generator).tolist()
         picks = torch.rand(len(self.pairs), 2, generator=generator)
         pairs_per_batch = self.batch_size // 2
         batches = [order[i : i + pairs_per_batch] for i in range(0, len(order), pairs_per_batch)]
         total = self._num_batches() * self.sampler.num_replicas
         batches = (batches * (total // max(len(batches), 1) + 1))[:total]
-        for batch in batches[self.sampler.rank :: self.sampler.num_replicas]:
+        for batch in batches[self.sampler.rank :: self.sampler.num_replicas][done:]:
             items = []
             for pair in batch:
                 for side, captions in enumerate(self.pairs[pair]):
@@ -288,6 +302,8 @@ class VideoTextDataModule(LightningDataModule):
       Results are cached in ``$VTR_CACHE/video_probe/`` by path, size and mtime: a second
       setup opens no unchanged file. Under DDP one process per node probes first and the
       others read its results.
+    - ``state_dict`` / ``load_state_dict`` (checkpoints): the training position, so that a
+      run resumed mid-epoch draws exactly the pair batches it had not trained on yet.
     - ``__getitem__`` (DataLoader workers): PyAV decode of the sampled frames, CLIP
       transform, tokenisation. Training samples frames with ``train_sampling``; evaluation
       always samples uniformly with ``eval_num_frames``; both with ``frame_sampler``'s formulas.
@@ -311,6 +327,8 @@ class VideoTextDataModule(LightningDataModule):
         annotations_dir: Folder of the annotation files (real datasets).
         videos_dir: Folder of the video files (real datasets).
         backbone: open_clip model name; used only for the tokenizer and the image size.
+            ``backbone``, ``num_frames`` and ``max_words`` are the model's under ``vtr fit``
+            (linked: ``MODEL_SETTINGS``).
         num_frames: Frames per training clip.
         eval_num_frames: Frames per evaluation clip (default ``num_frames``).
         frame_segments: Segments of the frame sampler (default: one sample per segment);
@@ -422,6 +440,7 @@ class VideoTextDataModule(LightningDataModule):
         self.transform = ClipTransform(self.image_size)
         self._splits: dict[str, SplitData] = {}
         self._pairs: dict[str, synthetic.PairInfo] | None = None
+        self._resume: tuple[int, int] | None = None
 
     def prepare_data(self) -> None:
         """Generates the synthetic benchmark if ``root`` does not hold it yet."""
@@ -445,6 +464,22 @@ class VideoTextDataModule(LightningDataModule):
             self._splits[split] = SplitData.from_records(split_records)
         if "train" in splits:
             self._check_train_size()
+
+    def state_dict(self) -> dict[str, int]:
+        """The training position when a checkpoint is saved while fitting: the epoch and the
+        batches of it already trained on (Lightning's own counter)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        return {"epoch": trainer.current_epoch,
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the pair batches where the checkpoint left them (shuffled loaders restart the epoch)."""
+        self._resume = (state_dict["epoch"], state_dict["batches_done"]) if state_dict else None
+        if self._resume and self._resume[1] and self.pair_batches:
+            rank_zero_info(f"resuming epoch {self._resume[0]} after its first {self._resume[1]} pair batches "
+                           "(PairBatchSampler restores its position)")
 
     def _read(self, split: str) -> list[VideoRecord]:
         """The split's records; with the probe, their paths are resolved by ``_probe``."""
@@ -543,7 +578,9 @@ class VideoTextDataModule(LightningDataModule):
             sampler = PairBatchSampler(
                 DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False),
                 self.hparams.batch_size, True, pairs=self._train_pairs(), seed=self.hparams.seed,
+                resume=self._resume,
             )
+            self._resume = None
             return self._loader(dataset, workers, batch_sampler=sampler)
         return self._loader(dataset, workers, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
 
