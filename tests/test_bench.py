@@ -11,7 +11,7 @@ from torch import Tensor
 import retrieval
 from baselines.clip4clip import MeanPool
 from retrieval.bench import build_method, read_recipe, sweep, tokenize
-from retrieval.bench import floors, latency
+from retrieval.bench import floors
 from retrieval.bench.latency import (
     CAPTIONS,
     BenchSettings,
