@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +30,20 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (CUDA); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` synchronised calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 @functools.cache

@@ -20,7 +20,6 @@ import argparse
 import logging
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 import retrieval
-from retrieval.bench.floors import memory_bandwidth_gbs, synchronize
+from retrieval.bench.floors import memory_bandwidth_gbs, time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.features import VideoFeatures
 from retrieval.module import RetrievalModule
@@ -181,18 +180,6 @@ def contention_note(device: torch.device, threads: int) -> str:
             f"(rerun on an idle host or with --threads {max(1, int(cores - load))})")
 
 
-def _time(run, repeats: int, device: torch.device) -> list[float]:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _row(index: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
          bytes_per_video: float, bandwidth: float, recall: float, device: torch.device) -> dict[str, Any]:
     per_query = sorted(1e3 * t / batch for t in times)
@@ -222,7 +209,7 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
         codes, scale = (gallery, None) if store == "fp32" else quantize(gallery, store)
         per_video = codes[0].numel() * codes.element_size() + (4 if scale is not None else 0)
         for b, q in queries.items():
-            times = _time(lambda: exact_topk(q, codes, scale, k), repeats, dev)
+            times = time_steps(lambda: exact_topk(q, codes, scale, k), dev, 1, repeats)
             recall = recall_at(exact_topk(q, codes, scale, k)[1], truth[b])
             rows.append(_row("exact", store, dim, n, b, k, "", times, per_video, bandwidth, recall, dev))
     if faiss_indexes:
@@ -252,7 +239,7 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
         index.add(x)
         for b, q in queries.items():
             qn = q.numpy()
-            times = _time(lambda: index.search(qn, k), repeats, torch.device("cpu"))
+            times = time_steps(lambda: index.search(qn, k), torch.device("cpu"), 1, repeats)
             found = torch.from_numpy(index.search(qn, k)[1]).long()
             rows.append(_row(name, "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth, recall_at(found, truth[b]),
                              torch.device("cpu")))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import retrieval
 from retrieval.bench import build_method, read_recipe, tokenize
-from retrieval.bench.floors import synchronize
+from retrieval.bench.floors import time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.module import RetrievalModule
 
@@ -87,20 +86,6 @@ def count_flops(step: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
-
-
-def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` synchronised steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def bench_train(name: str, model: RetrievalModule, args: argparse.Namespace, frames: int) -> dict[str, Any]:
