@@ -136,7 +136,7 @@ class VTRCLI(LightningCLI):
         """A config file's ``data.num_frames`` (etc.) would be dropped silently by the link: refuse
         it unless it equals the model's value (configs saved by older runs hold both)."""
         for path in config.get("config") or []:
-            loaded = yaml.safe_load(path.get_content())
+            loaded = yaml.safe_load(Path(path.absolute).read_text())
             data = loaded.get("data") if isinstance(loaded, dict) else None
             for key in MODEL_SETTINGS:
                 model_value = config.model.init_args.get(key)

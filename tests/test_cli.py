@@ -104,7 +104,7 @@ def test_help_lists_the_tools_and_no_predict(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "{fit,validate,test}" in out
-    for tool in ("compare", "bench", "index", "search", "sweep", "pretrain"):
+    for tool in ("compare", "bench", "index", "search", "sweep", "prepare", "pretrain"):
         assert f"\n  {tool} " in out
     with pytest.raises(SystemExit):
         main(["predict"])
