@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
-from retrieval.features import Features, TextFeatures, VideoFeatures
+from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
 from retrieval.metrics import RetrievalMetrics, pair_metrics, retrieval_metrics
 from retrieval.postprocess import Postprocess

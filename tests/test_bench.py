@@ -11,7 +11,7 @@ from torch import Tensor
 import retrieval
 from baselines.clip4clip import MeanPool
 from retrieval.bench import build_method, read_recipe, sweep, tokenize
-from retrieval.bench import latency
+from retrieval.bench import floors
 from retrieval.bench.latency import (
     CAPTIONS,
     BenchSettings,
@@ -133,8 +133,8 @@ def test_text_conditioned_floor_counts_einsum_macs():
 
 
 def test_read_floor_is_one_gallery_read_shared_by_the_query_batch(model, monkeypatch):
-    monkeypatch.setattr(latency, "memory_bandwidth_gbs", lambda device, threads: 2.0)  # known rates
-    monkeypatch.setattr(latency, "matmul_gflops", lambda device, dtype, threads: 100.0)
+    monkeypatch.setattr(floors, "memory_bandwidth_gbs", lambda device, threads: 2.0)  # known rates
+    monkeypatch.setattr(floors, "matmul_gflops", lambda device, dtype, threads: 100.0)
     settings = BenchSettings(galleries=(1000,), batches=(1, 64), real_videos=4, offline_batch=2, repeats=1, warmup=0)
     rows = {row["batch"]: row for row in bench_method("meanpool", read_recipe(MEANPOOL), model, settings)}
     # vtr-micro MeanPool caches one fp32 embedding of D = 64 per video: 256 B; 1,000 videos = 256,000 B,

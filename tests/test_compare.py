@@ -4,7 +4,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 
 from retrieval.bench import compare
 from retrieval.data.datamodule import VideoTextDataModule

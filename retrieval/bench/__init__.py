@@ -124,6 +124,8 @@ def build_method(
     Returns:
         The method in eval mode on the CPU.
     """
+    if model_config.get("class_path") == TWO_STAGE:
+        return build_two_stage(model_config.get("init_args") or {}, overrides, seed)
     config = copy.deepcopy(model_config)
     recipe_args = dict(config.get("init_args") or {})
     init_args = {**recipe_args, **(overrides or {})}
@@ -145,6 +147,45 @@ def build_method(
     if ckpt is not None:
         load_weights(model, ckpt)
     return model.eval()
+
+
+TWO_STAGE = "retrieval.two_stage.TwoStage"
+
+
+def build_two_stage(init_args: dict[str, Any], overrides: dict[str, Any] | None = None, seed: int = 0):
+    """A :class:`~retrieval.two_stage.TwoStage` from ``{recaller, reranker, k}``.
+
+    Each part is ``{config: RECIPE.yaml, ckpt: CKPT}`` (the method's recipe, rebuilt with the
+    hyperparameters saved in the checkpoint, then its weights) or ``{class_path, init_args, ckpt}``
+    (what :func:`model_config` of a built one records). Paths are kept absolute, so an index
+    rebuilds the pair from anywhere.
+
+    Raises:
+        ValueError: a part or ``k`` is missing or malformed (the message names it).
+    """
+    from retrieval.two_stage import TwoStage
+
+    if not isinstance(init_args.get("k"), int):
+        raise ValueError(f"a two-stage retriever needs an int 'k' in its init_args, got {init_args.get('k')!r}")
+    parts, spec = {}, {}
+    for role in ("recaller", "reranker"):
+        part = init_args.get(role)
+        if not isinstance(part, dict) or not ({"config", "class_path"} & set(part)):
+            raise ValueError(f"two-stage '{role}' must be {{config: RECIPE.yaml, ckpt: CKPT}} or "
+                             f"{{class_path, init_args, ckpt}}, got {part!r}")
+        ckpt = None if part.get("ckpt") in (None, "none") else str(Path(part["ckpt"]).resolve())
+        if "class_path" in part:
+            config = {"class_path": part["class_path"], "init_args": dict(part.get("init_args") or {})}
+        else:
+            config = read_recipe(part["config"])["model"]
+            saved = read_checkpoint(Path(ckpt)).get("hyper_parameters", {}) if ckpt else {}
+            config = {**config, "init_args": {**(config.get("init_args") or {}), **saved}}
+        part_overrides = dict(overrides or {})
+        if ckpt is not None:  # the checkpoint's weights replace any pretrained ones: no download
+            part_overrides["pretrained"] = None
+        parts[role] = build_method(config, part_overrides, ckpt, seed)
+        spec[role] = {**model_config(parts[role]), "ckpt": ckpt}
+    return TwoStage(parts["recaller"], parts["reranker"], init_args["k"], spec)
 
 
 def _weights_dropped(recipe_args: dict[str, Any], init_args: dict[str, Any]) -> bool:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
+import importlib
 import itertools
 import logging
 import math
@@ -51,17 +51,21 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import retrieval
 from retrieval.bench import build_method, read_recipe, tokenize
+from retrieval.bench.floors import scorer_floor, synchronize
+from retrieval.bench.gallery import gallery_from
 from retrieval.bench.results import DEFAULT_OUT, csv_value, device_name, merge_rows, plot_latency, result_filename
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import retrieval_metrics
 from retrieval.module import RetrievalModule
 
 log = logging.getLogger(__name__)
+
+TEXT_RUNS = 5
+"""Query batches whose text encoding is timed (the scorer's repeats cycle over them)."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,21 +91,8 @@ CAPTIONS = (
 
 
 # ---------------------------------------------------------------------- timing primitives
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (CUDA); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _device_of(features: VideoFeatures) -> torch.device:
     return next(iter(features.values())).device
-
-
-def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(median, p10, p90) of ``values``."""
-    t = torch.tensor(values, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64))
-    return tuple(q.tolist())
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -201,9 +192,11 @@ def time_online(
 ) -> dict[str, Any]:
     """Per-query latency of ``encode_text + score_gallery + topk`` over ``gallery``.
 
-    Every run takes the next ``batch_size`` queries of ``tokens`` (cycling), so runs do not
-    repeat the same batch. Times are wall-clock with the device synchronised at the start, at
-    the text/score boundary and at the end.
+    The text tower's time does not depend on N: it is timed on its own over ``TEXT_RUNS``
+    batches (each the next ``batch_size`` queries of ``tokens``, cycling), and the scorer's
+    warm-up and repeats (``score_gallery + topk``) cycle over those encoded batches. The
+    ms/query quantiles are the text median plus the scorer's quantiles. Times are wall-clock
+    with the device synchronised around each timed call.
 
     Args:
         model: the method (put in eval mode here); on the gallery's device and dtype.
@@ -218,7 +211,7 @@ def time_online(
             after one run and fewer repeats (at least 3) are timed.
 
     Returns:
-        ``ms_per_query_median``, ``ms_per_query_p10``, ``ms_per_query_p90``, ``text_ms`` and
+        ``ms_per_query_median`` (= ``_p50``), ``_p10``, ``_p90``, ``_p99``, ``text_ms`` and
         ``score_ms`` (medians per query), ``repeats`` (runs timed), ``peak_mem_mb``, ``mem_method``,
         ``matmul_ms`` (per query: the part of one more ``score_gallery`` spent in matmuls,
         :class:`MatmulTime`).
@@ -235,40 +228,54 @@ def time_online(
         start = next(runs) * batch_size
         return tokens[torch.arange(start, start + batch_size) % len(tokens)]
 
-    def run() -> tuple[float, float]:
+    def encode() -> tuple[TextFeatures, float]:
         batch = next_batch()
         synchronize(device)
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         text = model.encode_text(batch)
         synchronize(device)
-        t1 = time.perf_counter()
+        return text, time.perf_counter() - start
+
+    def run(text: TextFeatures) -> float:
+        synchronize(device)
+        start = time.perf_counter()
         model.score_gallery(text, gallery, chunk_size).topk(k, dim=1)
         synchronize(device)
-        return t1 - t0, time.perf_counter() - t1
+        return time.perf_counter() - start
 
     with torch.inference_mode():
+        # the text tower does not depend on N: timed on its own (a new batch each run, after one
+        # untimed run), outside the scorer's repeats, which cycle over the batches it encoded
+        encode()
+        encoded = [encode() for _ in range(min(repeats, TEXT_RUNS))]
+        texts = [text for text, _ in encoded]
+        text_s = statistics.median(seconds for _, seconds in encoded)
         spent: list[float] = []
-        for _ in range(warmup):
-            spent.append(sum(run()))
+        for i in range(warmup):
+            spent.append(run(texts[i % len(texts)]))
             if max_seconds is not None and spent[-1] * (warmup + repeats) > max_seconds:
                 break  # one warm-up run is enough for a point this slow
         if max_seconds is not None:
-            per_run = max(spent[-1] if spent else sum(run()), 1e-9)
+            per_run = max(spent[-1] if spent else run(texts[0]), 1e-9)
             remaining = max_seconds - sum(spent) - per_run  # the memory run comes last
             repeats = max(3, min(repeats, int(remaining / per_run)))
-        times = [run() for _ in range(repeats)]
-        peak, method = peak_memory_mb(run, device)
-        text = model.encode_text(next_batch())
+        times = [run(texts[i % len(texts)]) for i in range(repeats)]
+        peak, method = peak_memory_mb(lambda: (model.encode_text(next_batch()), run(texts[0])), device)
         with MatmulTime(device) as matmul:
-            model.score_gallery(text, gallery, chunk_size)
-    totals = [1e3 * (a + b) / batch_size for a, b in times]
-    median, p10, p90 = _quantiles(totals)
+            model.score_gallery(texts[0], gallery, chunk_size)
+    text_ms = 1e3 * text_s / batch_size
+    score = [1e3 * t / batch_size for t in times]
+    quantiles = torch.quantile(torch.tensor(score, dtype=torch.float64),
+                               torch.tensor([0.5, 0.1, 0.9, 0.99], dtype=torch.float64)).tolist()
+    median, p10, p90, p99 = (text_ms + q for q in quantiles)
     return {
         "ms_per_query_median": median,
+        "ms_per_query_p50": median,
         "ms_per_query_p10": p10,
         "ms_per_query_p90": p90,
-        "text_ms": statistics.median(1e3 * a / batch_size for a, _ in times),
-        "score_ms": statistics.median(1e3 * b / batch_size for _, b in times),
+        "ms_per_query_p99": p99,
+        "text_ms": text_ms,
+        "score_ms": quantiles[0],
         "repeats": repeats,
         "peak_mem_mb": peak,
         "mem_method": method,
@@ -311,138 +318,6 @@ def encode_videos(model: RetrievalModule, frames: Tensor, frame_mask: Tensor, ba
         parts = [model.encode_video(frames[i : i + batch_size], frame_mask[i : i + batch_size])
                  for i in range(0, len(frames), batch_size)]
     return VideoFeatures.cat(parts)
-
-
-# ---------------------------------------------------------------------- galleries
-def available_memory_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free bytes, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-    except ImportError:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("cannot tell the available memory: install psutil") from None
-    return psutil.virtual_memory().available
-
-
-def gallery_from(model: RetrievalModule, features: VideoFeatures, n: int, headroom: float = 0.5) -> VideoFeatures:
-    """Tile real video features cyclically to ``n`` rows on the model's device.
-
-    Args:
-        model: the method (its device receives the gallery).
-        features: real ``encode_video`` output.
-        n: gallery size.
-        headroom: the gallery may take at most this fraction of the free memory (the rest is
-            left for scoring).
-
-    Raises:
-        MemoryError: the gallery would not fit, with the estimate in the message.
-    """
-    if n < 1:
-        raise ValueError(f"gallery size must be >= 1, got {n}")
-    device = next(model.parameters()).device
-    per_video = features.nbytes() / len(features)
-    needed, free = per_video * n, available_memory_bytes(device)
-    if needed > headroom * free:
-        raise MemoryError(
-            f"a gallery of {n:,} videos needs {needed / 2**30:.2f} GiB ({per_video:,.0f} bytes per video) "
-            f"but {device} has {free / 2**30:.2f} GiB free (at most {headroom:.0%} may be used): lower --gallery"
-        )
-    return features.to(device).repeat_to(n)
-
-
-# ---------------------------------------------------------------------- floors
-@functools.lru_cache(maxsize=None)
-def matmul_gflops(device: str, dtype: torch.dtype, threads: int) -> float:
-    """This process's measured rate of a large square matmul, GFLOP/s (median of 5).
-
-    ``threads`` is part of the cache key: the rate is measured again when it changes.
-    """
-    size = 4096 if torch.device(device).type == "cuda" else 1024
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    times = []
-    for i in range(6):
-        synchronize(a.device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(a.device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
-@functools.lru_cache(maxsize=None)
-def memory_bandwidth_gbs(device: str, threads: int) -> float:
-    """Measured read bandwidth, GB/s: the sum of a tensor far larger than the caches.
-
-    ``threads`` is part of the cache key: the rate is measured again when it changes.
-    """
-    numel = (2**29 if torch.device(device).type == "cuda" else 2**26)  # 2 GiB / 256 MiB of fp32
-    x = torch.ones(numel, device=device)
-    times = []
-    for i in range(6):
-        synchronize(x.device)
-        start = time.perf_counter()
-        x.sum()
-        synchronize(x.device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return numel * 4 / statistics.median(times) / 1e9
-
-
-@dataclass(frozen=True)
-class Floor:
-    """The cost model of a scorer on this machine.
-
-    Attributes:
-        macs_per_pair: matmul multiply-accumulates per (query, video) pair in ``score``.
-        bytes_per_video: bytes of one video's cached features.
-        matmul_gflops: measured matmul rate.
-        bandwidth_gbs: measured read bandwidth.
-    """
-
-    macs_per_pair: float
-    bytes_per_video: float
-    matmul_gflops: float
-    bandwidth_gbs: float
-
-    def compute_ms(self, n: int) -> float:
-        """Per-query time of the scorer's MACs over N videos at the matmul rate."""
-        return 1e3 * 2 * self.macs_per_pair * n / (self.matmul_gflops * 1e9)
-
-    def bandwidth_ms(self, n: int, batch: int = 1) -> float:
-        """Per-query time to read the gallery's cached features once per query batch."""
-        return 1e3 * n * self.bytes_per_video / (self.bandwidth_gbs * 1e9) / batch
-
-
-def scorer_floor(model: RetrievalModule, text: TextFeatures, gallery_chunk: VideoFeatures) -> Floor:
-    """Count the scorer's MACs per pair and pair them with this machine's measured rates.
-
-    ``FlopCounterMode`` counts matmul-like ops (mm, bmm, einsum, attention), not elementwise
-    ones, so the floor is a lower bound. A fusion-free dot product counts exactly D MACs.
-
-    Args:
-        model: the method.
-        text: features of at least one query (only the first is used).
-        gallery_chunk: a few gallery videos (their count divides the total).
-    """
-    device = _device_of(gallery_chunk)
-    m = len(gallery_chunk)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.score(text[:1], gallery_chunk)
-    dtype = next(t.dtype for t in gallery_chunk.values() if t.is_floating_point())
-    threads = torch.get_num_threads()
-    return Floor(
-        macs_per_pair=counter.get_total_flops() / 2 / m,
-        bytes_per_video=gallery_chunk.nbytes() / m,
-        matmul_gflops=matmul_gflops(str(device), dtype, threads),
-        bandwidth_gbs=memory_bandwidth_gbs(str(device), threads),
-    )
 
 
 # ---------------------------------------------------------------------- the benchmark driver
@@ -518,7 +393,7 @@ def bench_method(name: str, recipe: dict[str, Any], model: RetrievalModule, sett
             else:
                 result = time_online(model, tokens, gallery, batch, settings.k, settings.repeats, settings.warmup,
                                      settings.chunk_size, max_seconds=settings.max_seconds_per_point)
-                last_run[batch] = (n, result["ms_per_query_median"] * batch / 1e3)
+                last_run[batch] = (n, result["score_ms"] * batch / 1e3)  # the scorer's time, not the text tower's
                 bound = max(row["floor_ms"], row["bw_floor_ms"])
                 rows.append({**row, **result, "ratio_to_floor": result["score_ms"] / bound if bound else None})
             if progress is not None:
@@ -534,9 +409,10 @@ def _skip_note(previous: tuple[int, float] | None, n: int, settings: BenchSettin
     previous_n, seconds = previous
     if math.isinf(seconds):
         return f"skipped: a smaller gallery (N={previous_n:,}) was already skipped"
-    estimate = seconds * n / previous_n * (1 + min(settings.warmup, 1) + 3)  # warm-up, 3 timed, memory run
+    # the scorer's time per run, linear in N: warm-up, 3 timed, memory run (the text tower's is fixed)
+    estimate = seconds * n / previous_n * (1 + min(settings.warmup, 1) + 3)
     if estimate > settings.max_seconds_per_point:
-        return (f"skipped: estimated {estimate:.0f} s (linear in N from N={previous_n:,}) > "
+        return (f"skipped: estimated {estimate:.0f} s of scoring (linear in N from N={previous_n:,}) > "
                 f"--max-seconds-per-point {settings.max_seconds_per_point:g}")
     return None
 
@@ -642,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--threads", type=int, default=None)
     met.add_argument("--out", type=Path, default=DEFAULT_OUT,
                      help="output folder (the committed results: experiments/results)")
+    from retrieval.bench import frontier, gallery, train_step  # they import this module
+
+    for tool in (gallery, frontier, train_step):
+        tool.add_parser(sub)
     return parser
 
 
@@ -649,6 +529,9 @@ def main(argv: Sequence[str]) -> None:
     """``vtr bench latency ...`` / ``vtr bench metrics ...`` (``argv[0]`` is the tool name)."""
     args = build_parser().parse_args(list(argv[1:]))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "tool", None):  # a tool of its own module (gallery, frontier, train)
+        importlib.import_module(args.tool).run(args)
+        return
     if args.command == "metrics":
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ DEFAULT_OUT = Path("runs/bench")
 
 COLUMNS = (
     "method", "class_path", "fusion_free", "backbone", "device", "dtype", "threads", "gallery", "batch",
-    "ms_per_query_median", "ms_per_query_p10", "ms_per_query_p90", "text_ms", "score_ms", "repeats",
+    "ms_per_query_median", "ms_per_query_p50", "ms_per_query_p99", "ms_per_query_p10", "ms_per_query_p90", "text_ms", "score_ms", "repeats",
     "macs_per_pair", "floor_ms", "bw_floor_ms", "ratio_to_floor", "matmul_ms", "bytes_per_video", "gallery_mb",
     "peak_mem_mb", "mem_method", "offline_ms_per_video", "offline_videos_per_s", "matmul_gflops",
     "bandwidth_gbs", "torch", "vtr", "note",
@@ -108,7 +108,7 @@ def csv_value(value: Any) -> Any:
 def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Log-log ms/query against gallery size, one panel per batch size, one line per method
     (and backbone, where the rows hold several), p10-p90 band, and each line's gallery-read
-    floor dotted in its colour."""
+    floor dotted in its colour; a skipped point is a cross at its read floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +137,12 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.plot(x, [num(r, "ms_per_query_median") for _, r in points], "o-", color=colour, label=label)
             ax.fill_between(x, [num(r, "ms_per_query_p10") for _, r in points],
                             [num(r, "ms_per_query_p90") for _, r in points], color=colour, alpha=0.2)
+            skipped = sorted((int(r["gallery"]), num(r, "bw_floor_ms")) for r in rows
+                             if (r["method"], r["backbone"]) == (method, backbone) and int(r["batch"]) == batch
+                             and str(r.get("note") or "").startswith("skipped") and num(r, "bw_floor_ms"))
+            if skipped:  # drawn at their read floor: the time was never measured
+                ax.plot([n for n, _ in skipped], [v for _, v in skipped], "x", color=colour, markersize=9,
+                        label="skipped point (at its read floor)")
             floor = [(n, num(r, "bw_floor_ms")) for n, r in points if num(r, "bw_floor_ms")]
             if floor:
                 ax.plot([n for n, _ in floor], [v for _, v in floor], ":", color=colour, linewidth=1,

@@ -1,0 +1,286 @@
+"""Galleries: tiled from real features, and the fusion-free gallery at a million videos.
+
+- :func:`gallery_from`: a benchmark gallery of N videos tiled from real ``encode_video`` output.
+- ``vtr bench gallery``: the fusion-free query at up to N = 1M, batch 1 and 64, with the
+  gallery stored in fp32, bf16/fp16 or int8 (one scale per vector, :func:`quantize`), each
+  timed beside its read floor (its own bytes at the bandwidth measured in the same run), and
+  its exact-search recall@10 against the fp32 ranking; FAISS (flat, IVF, HNSW) where installed,
+  rows in the same CSV.
+
+The exact search (:func:`exact_topk`) scores the gallery in chunks and keeps each chunk's top
+k, so the ``[B, N]`` score matrix (at batch 64 as large as an fp32 gallery of D = 64) is never
+written and read back: per chunk it stays in cache. Vectors are random unit Gaussians (seeded):
+the top 10 of a random query is then separated by small margins, the hard case for a
+quantised store, so its recall@10 is a pessimistic figure; real features tiled would tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import retrieval
+from retrieval.bench.floors import memory_bandwidth_gbs, time_steps
+from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
+from retrieval.features import VideoFeatures
+from retrieval.module import RetrievalModule
+
+log = logging.getLogger(__name__)
+
+STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+COLUMNS = ("index", "store", "dim", "gallery", "batch", "k", "params", "device", "threads", "ms_per_query_median",
+           "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "bytes_per_video",
+           "gallery_mb", "recall_at_k", "bandwidth_gbs", "torch", "vtr", "note")
+ROW_KEY = ("index", "store", "dim", "gallery", "batch", "k", "params", "device", "threads")
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("cannot tell the available memory: install psutil") from None
+    return psutil.virtual_memory().available
+
+
+def gallery_from(model: RetrievalModule, features: VideoFeatures, n: int, headroom: float = 0.5) -> VideoFeatures:
+    """Tile real video features cyclically to ``n`` rows on the model's device.
+
+    Args:
+        model: the method (its device receives the gallery).
+        features: real ``encode_video`` output.
+        n: gallery size.
+        headroom: the gallery may take at most this fraction of the free memory (the rest is
+            left for scoring).
+
+    Raises:
+        MemoryError: the gallery would not fit, with the estimate in the message.
+    """
+    if n < 1:
+        raise ValueError(f"gallery size must be >= 1, got {n}")
+    device = next(model.parameters()).device
+    per_video = features.nbytes() / len(features)
+    needed, free = per_video * n, available_memory_bytes(device)
+    if needed > headroom * free:
+        raise MemoryError(
+            f"a gallery of {n:,} videos needs {needed / 2**30:.2f} GiB ({per_video:,.0f} bytes per video) "
+            f"but {device} has {free / 2**30:.2f} GiB free (at most {headroom:.0%} may be used): lower --gallery"
+        )
+    return features.to(device).repeat_to(n)
+
+
+# ---------------------------------------------------------------------- stores
+def quantize(x: Tensor, store: str) -> tuple[Tensor, Tensor | None]:
+    """``x [N, D]`` stored as ``store``: ``(codes, scale)``; int8 is symmetric with one fp32
+    scale per vector (``max |x_i| / 127``, round to nearest), other stores have no scale.
+
+    The round-trip error of one element is at most half a step: ``scale_i / 2``.
+    """
+    if store not in STORES:
+        raise ValueError(f"store must be one of {sorted(STORES)}, got {store!r}")
+    if store != "int8":
+        return x.to(STORES[store]), None
+    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def dequantize(codes: Tensor, scale: Tensor | None) -> Tensor:
+    """fp32 vectors from :func:`quantize`'s output."""
+    return codes.float() if scale is None else codes.float() * scale
+
+
+def chunk_rows(batch: int, dim: int, budget_bytes: int = 2**20) -> int:
+    """Gallery rows per chunk so that a chunk's ``[rows, batch]`` fp32 scores and its
+    dequantised ``[rows, dim]`` copy stay in cache."""
+    return max(1024, budget_bytes // (4 * (batch + dim)))
+
+
+def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
+               chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top ``k`` inner products of fp32 ``queries [B, D]`` over a stored gallery, chunked.
+
+    Each chunk is scored gallery-major (``[rows, D] x [D, B]``) into one preallocated buffer:
+    a fresh output per chunk costs page faults that, on this project's CPU, took longer than
+    the product itself. An int8 store is scored by an int8 x int8 -> int32 product
+    (``torch._int_mm``) against the queries quantised the same way (one scale per query, the
+    batch padded to 8 columns as the CUDA kernel needs), then scaled per (video, query);
+    bf16/fp16 stores are scored in their precision. Each chunk keeps its top k; the candidates
+    are merged at the end.
+
+    Returns:
+        ``(scores [B, k], indices [B, k])``, best first.
+    """
+    n, b, k = len(codes), len(queries), min(k, len(codes))
+    if codes.device.type == "cuda" and chunk is None:
+        # no cache to fit: cache-sized chunks (1024 rows at D = 512) would be launch-bound, ~1k
+        # launches per query at 1M; a chunk holds up to 64M scores (256 MB of fp32)
+        chunk = max(65536, 2**26 // max(b, 8))
+    if scale is None:
+        chunk = min(n, chunk or chunk_rows(b, codes.shape[1]))
+        q = queries.to(codes.dtype).T.contiguous()  # [D, B]
+        scores = torch.empty(chunk, b, dtype=codes.dtype, device=codes.device)
+    else:  # the int8 kernel is slow on narrow chunks at batch 1 (throwaway timings: 300 ms vs 3 ms)
+        chunk = min(n, chunk or max(2048, 65536 // b))
+        q_codes, q_scale = quantize(queries.float(), "int8")
+        q = torch.nn.functional.pad(q_codes, (0, 0, 0, -b % 8)).T.contiguous()  # [D, B padded to 8]
+        q_scale = q_scale.T  # [1, B]
+    values, indices = [], []
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        part = codes[start:start + rows]
+        if scale is None:
+            out = torch.mm(part, q, out=scores[:rows])
+        else:
+            if rows <= 16:  # CUDA's int8 kernel needs more than 16 rows: zero rows, sliced off
+                part = torch.nn.functional.pad(part, (0, 0, 0, 17 - rows))
+            out = torch._int_mm(part, q)[:rows, :b].float().mul_(scale[start:start + rows]).mul_(q_scale)
+        top = out.topk(min(k, rows), dim=0)
+        values.append(top.values.float())
+        indices.append(top.indices + start)
+    values, indices = torch.cat(values).T, torch.cat(indices).T  # [B, chunks * k]
+    best = values.topk(k, dim=1)
+    return best.values, indices.gather(1, best.indices)
+
+
+def recall_at(found: Tensor, truth: Tensor) -> float:
+    """Mean fraction of each row of ``truth`` (ids) that ``found`` holds, in percent."""
+    hits = (found[:, :, None] == truth[:, None, :]).any(dim=1).double().mean()
+    return 100.0 * hits.item()
+
+
+# ---------------------------------------------------------------------- ``vtr bench gallery``
+def contention_note(device: torch.device, threads: int) -> str:
+    """A note for rows timed on a CPU whose other load leaves fewer idle cores than ``threads``.
+
+    Then every parallel region waits at its barrier for a thread the OS has descheduled: on this
+    project's 2-core host under a concurrent run, a 0.04 ms cast of 65k floats took 10 ms at 2
+    threads, and the int8 and bf16 stores' batch-1 search at 1M x 64 (a dozen small parallel ops
+    per chunk) 470-800 ms against 17-24 ms at 1 thread: contention, not a slow kernel.
+    """
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load + threads <= cores + 0.5:
+        return ""
+    return (f"contended: host load {load:.1f} on {cores} cores with {threads} threads "
+            f"(rerun on an idle host or with --threads {max(1, int(cores - load))})")
+
+
+def _row(index: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
+         bytes_per_video: float, bandwidth: float, recall: float, device: torch.device) -> dict[str, Any]:
+    per_query = sorted(1e3 * t / batch for t in times)
+    p50, p99 = (float(torch.quantile(torch.tensor(per_query, dtype=torch.float64), q)) for q in (0.5, 0.99))
+    floor = 1e3 * n * bytes_per_video / (bandwidth * 1e9) / batch
+    return {"index": index, "store": store, "dim": dim, "gallery": n, "batch": batch, "k": k, "params": params,
+            "device": device_name(device), "threads": torch.get_num_threads(),
+            "ms_per_query_median": statistics.median(per_query), "ms_per_query_p50": p50, "ms_per_query_p99": p99,
+            "repeats": len(times), "read_floor_ms": floor, "ratio_to_floor": statistics.median(per_query) / floor,
+            "bytes_per_video": bytes_per_video, "gallery_mb": n * bytes_per_video / 2**20, "recall_at_k": recall,
+            "bandwidth_gbs": bandwidth, "torch": torch.__version__, "vtr": retrieval.__version__}
+
+
+def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str], k: int = 10, repeats: int = 5,
+                 device: str = "cpu", faiss_indexes: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+    """Exact top-k over ``n`` random unit vectors stored each way (and FAISS's indexes where asked),
+    timed per query batch; recall@k against the fp32 exact top-k of the same queries."""
+    dev = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    gallery = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(dev)
+    queries = {b: torch.nn.functional.normalize(torch.randn(b, dim, generator=generator), dim=1).to(dev)
+               for b in batches}
+    bandwidth = memory_bandwidth_gbs(str(dev), torch.get_num_threads())
+    truth = {b: exact_topk(q, gallery, None, k)[1] for b, q in queries.items()}
+    rows = []
+    for store in stores:
+        codes, scale = (gallery, None) if store == "fp32" else quantize(gallery, store)
+        per_video = codes[0].numel() * codes.element_size() + (4 if scale is not None else 0)
+        for b, q in queries.items():
+            times = time_steps(lambda: exact_topk(q, codes, scale, k), dev, 1, repeats)
+            recall = recall_at(exact_topk(q, codes, scale, k)[1], truth[b])
+            rows.append(_row("exact", store, dim, n, b, k, "", times, per_video, bandwidth, recall, dev))
+    if faiss_indexes:
+        rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats, bandwidth)
+    return rows
+
+
+def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Tensor], k: int, repeats: int,
+                bandwidth: float) -> list[dict[str, Any]]:
+    """FAISS flat, IVF-Flat and HNSW (inner product) over the fp32 gallery, on the CPU."""
+    try:
+        import faiss
+    except ImportError:
+        log.warning("--faiss: faiss is not installed (pip install faiss-cpu): FAISS rows skipped")
+        return []
+    n, dim = gallery.shape
+    x = gallery.numpy()
+    nlist = max(1, int(4 * n ** 0.5))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(n, 64 * nlist)].numpy()])
+    ivf.nprobe = 16
+    hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efSearch = 64
+    rows = []
+    for name, index, params in (("faiss-flat", faiss.IndexFlatIP(dim), ""), ("faiss-ivf", ivf, f"nlist={nlist} nprobe=16"),
+                                ("faiss-hnsw", hnsw, "M=32 efSearch=64")):
+        index.add(x)
+        for b, q in queries.items():
+            qn = q.numpy()
+            times = time_steps(lambda: index.search(qn, k), torch.device("cpu"), 1, repeats)
+            found = torch.from_numpy(index.search(qn, k)[1]).long()
+            rows.append(_row(name, "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth, recall_at(found, truth[b]),
+                             torch.device("cpu")))
+    return rows
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``vtr bench gallery``'s options."""
+    p = sub.add_parser("gallery", help="fusion-free exact top-k at up to 1M videos: fp32/bf16/fp16/int8 stores, "
+                       "read floor, recall@k; FAISS optional", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gallery", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=64, help="embedding width (vtr-tiny 64, ViT-B/32 512)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--store", nargs="+", choices=sorted(STORES), default=["fp32", "bf16", "fp16", "int8"])
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--faiss", action="store_true", help="add FAISS flat / IVF / HNSW rows (needs faiss-cpu)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (committed: experiments/results)")
+    p.set_defaults(tool=__name__)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``vtr bench gallery``: one CSV per device and versions."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.gallery) < 1 or min(args.batch) < 1 or args.k < 1 or args.dim < 1:
+        raise SystemExit("vtr bench gallery: --gallery, --batch, --dim and -k must be >= 1")
+    device = torch.device(args.device)
+    path = args.out / result_filename("gallery", device, "mixed", torch.get_num_threads())
+    rows = []
+    for n in args.gallery:
+        note = contention_note(device, torch.get_num_threads())
+        if note:
+            log.warning("vtr bench gallery N=%d: %s", n, note)
+        rows += [{**row, "note": note} for row in bench_stores(n, args.dim, args.batch, args.store, args.k,
+                                                               args.repeats, args.device, args.faiss)]
+        merge_rows(path, rows, COLUMNS, ROW_KEY)
+    print(f"{'index':<11}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'floor':>9}{'ratio':>7}{'recall':>8}")
+    for r in rows:
+        print(f"{r['index']:<11}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
+              f"{r['ms_per_query_p99']:>9.3g}{r['read_floor_ms']:>9.3g}{r['ratio_to_floor']:>7.2f}{r['recall_at_k']:>8.1f}")
+    print(f"wrote {path}")
