@@ -32,8 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.backbone import create_clip
-from retrieval.data.datamodule import ClipTransform, backbone_image_size, default_cache_dir
+from retrieval.data.datamodule import default_cache_dir
 from retrieval.data.synthetic import still_frames
+from retrieval.data.transforms import ClipTransform, backbone_image_size
 from retrieval.losses import symmetric_infonce
 from retrieval.module import warmup_cosine
 

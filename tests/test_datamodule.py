@@ -17,7 +17,10 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from retrieval.data import synthetic
-from retrieval.data.datamodule import FRAME_CACHE, ClipTransform, PairBatchSampler, VideoTextDataModule
+from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.data.datasets import FRAME_CACHE
+from retrieval.data.sampler import PairBatchSampler
+from retrieval.data.transforms import ClipTransform
 from retrieval.data.video import VideoDecodeError, read_frames
 
 SMALL = {"synthetic_num_train": 24, "synthetic_num_val": 12, "synthetic_num_test": 12}

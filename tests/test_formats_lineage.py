@@ -10,7 +10,7 @@ import pytest
 from conftest import SHARED
 import torch
 
-from retrieval.data.datamodule import SplitData
+from retrieval.data.datasets import SplitData
 from retrieval.data.formats import READERS, read_id_list, read_split, resolve_video_path
 from retrieval.metrics import retrieval_metrics
 

@@ -1,9 +1,12 @@
 """The data layer: annotation readers, PyAV decoding and frame sampling, the synthetic
-benchmark and the DataModule. Never imports model code."""
+benchmark, the CLIP frame transform (``transforms``), the datasets (``datasets``), the pair
+batch sampler (``sampler``) and the DataModule (``datamodule``). Never imports model code."""
 
-from retrieval.data.datamodule import ClipTransform, PairBatchSampler, VideoTextDataModule
+from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.data.formats import READERS, VideoRecord, read_split
+from retrieval.data.sampler import PairBatchSampler
 from retrieval.data.synthetic import generate, pair_info
+from retrieval.data.transforms import ClipTransform
 from retrieval.data.video import VideoDecodeError, read_frames, sample_indices, write_video
 
 __all__ = [

@@ -16,24 +16,22 @@ open_clip's ``[SOT, ..., EOT, 0, ...]``; the token mask is ``tokens != 0``.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from retrieval.data import synthetic
+from retrieval.data.datasets import CaptionDataset, SplitData, TrainDataset, VideoDataset, _VideoLoader
 from retrieval.data.formats import CARVED_VALIDATION, READERS, VideoRecord, read_split
 from retrieval.data.probe import BAD_VIDEO_POLICIES, VideoProbe, apply_policy, cache_file, probe_splits
-from retrieval.data.video import FRAME_SAMPLERS, SAMPLING_MODES, pad_frames, read_frames, sample_indices
+from retrieval.data.sampler import PairBatchSampler
+from retrieval.data.transforms import ClipTransform, backbone_image_size
+from retrieval.data.video import FRAME_SAMPLERS, SAMPLING_MODES, sample_indices
 
 _EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -44,247 +42,6 @@ MODEL_SETTINGS = ("backbone", "num_frames", "max_words")
 def default_cache_dir() -> Path:
     """``$VTR_CACHE`` if set, else ``~/.cache/vtr``."""
     return Path(os.environ.get("VTR_CACHE") or "~/.cache/vtr").expanduser()
-
-
-def backbone_image_size(backbone: str) -> tuple[int, int]:
-    """The ``(height, width)`` an open_clip model config expects.
-
-    vtr's own configs (``vtr-tiny``, ...) are registered by importing ``retrieval``.
-
-    Raises:
-        ValueError: ``backbone`` is not an open_clip model config.
-    """
-    config = open_clip.get_model_config(backbone)
-    if config is None:
-        raise ValueError(f"unknown backbone {backbone!r}: no open_clip model config of that name "
-                         "(see open_clip.list_models())")
-    size = config["vision_cfg"]["image_size"]
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-class ClipTransform:
-    """CLIP preprocessing on decoded frames: bicubic resize of the shortest side to the
-    model's image size, centre crop, ``OPENAI_DATASET_MEAN/STD`` normalisation.
-
-    The resize runs on the uint8 frames, as CLIP's own preprocessing does (PIL resizes the
-    uint8 image, then ``ToTensor``): antialiased bicubic, rounded back to uint8. It is also
-    about 11x faster than the same resize in float32 (12 frames 320x240 -> 298x224: 9 ms
-    against 103 ms on one thread of this project's CPU), which is most of a clip's cost after
-    decoding (``vtr bench loader``).
-
-    Args:
-        image_size: ``(height, width)`` of the model input.
-    """
-
-    def __init__(self, image_size: tuple[int, int]) -> None:
-        self.image_size = image_size
-        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
-
-    def __call__(self, frames: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-        """uint8 ``[T, H, W, 3]`` + bool ``[T]`` → float32 ``[T, 3, S, S]``; padding stays 0."""
-        out = torch.zeros(len(frames), 3, *self.image_size)
-        x = torch.from_numpy(frames[mask]).permute(0, 3, 1, 2)  # uint8 [t, 3, H, W]
-        height, width = x.shape[-2:]
-        short = max(self.image_size)
-        if min(height, width) != short:
-            scale = short / min(height, width)
-            size = (max(short, int(height * scale)), max(short, int(width * scale)))
-            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bicubic",
-                              align_corners=False, antialias=True)  # uint8 in, uint8 out (rounded, clamped)
-        top = (x.shape[-2] - self.image_size[0]) // 2
-        left = (x.shape[-1] - self.image_size[1]) // 2
-        x = x[..., top : top + self.image_size[0], left : left + self.image_size[1]].float().div_(255)
-        out[torch.from_numpy(mask)] = (x - self.mean) / self.std
-        return out
-
-
-@dataclass
-class SplitData:
-    """One split, flattened: records, every caption, and the caption → video map."""
-
-    records: list[VideoRecord]
-    captions: list[str]
-    caption_video: torch.Tensor  # [num_captions] int64
-
-    @classmethod
-    def from_records(cls, records: list[VideoRecord]) -> SplitData:
-        captions = [caption for record in records for caption in record.captions]
-        owner = [i for i, record in enumerate(records) for _ in record.captions]
-        return cls(records, captions, torch.tensor(owner, dtype=torch.long))
-
-
-class _VideoLoader:
-    """Decodes and transforms one record's frames (shared by the train and eval datasets).
-
-    With ``cache``, every frame of a video is decoded the first time it is read and kept in
-    :data:`FRAME_CACHE` (one per process: the main process, or each persistent worker; shared
-    by every loader and DataModule of that process, so ``vtr compare`` decodes each clip once
-    for all methods); later reads sample from memory with the same sampler.
-    """
-
-    def __init__(self, num_frames: int, mode: str, segments: int | None, transform: ClipTransform,
-                 cache: bool = False, sampler: str = "vtr") -> None:
-        self.num_frames, self.mode, self.segments, self.transform = num_frames, mode, segments, transform
-        self.cache, self.sampler = cache, sampler
-
-    def __call__(self, record: VideoRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.cache:
-            frames, mask = read_frames(record.path, self.num_frames, self.mode, self.segments, sampler=self.sampler,
-                                       video_id=record.video_id)
-        else:
-            video = cached_video(record)
-            index = sample_indices(len(video), self.num_frames, self.mode, self.segments, sampler=self.sampler)
-            frames, mask = pad_frames(video[index], self.num_frames)
-        return self.transform(frames, mask), torch.from_numpy(mask)
-
-
-FRAME_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
-"""Every decoded frame of the videos read with ``cache_frames``, keyed by (path, size, mtime)."""
-
-
-def cached_video(record: VideoRecord) -> np.ndarray:
-    """All frames ``[n, H, W, 3]`` of a video, decoded on first use (a changed file is decoded again)."""
-    stat = Path(record.path).stat()
-    key = (str(record.path), stat.st_size, stat.st_mtime_ns)
-    if key not in FRAME_CACHE:
-        FRAME_CACHE[key] = read_frames(record.path, None, video_id=record.video_id)[0]
-    return FRAME_CACHE[key]
-
-
-class TrainDataset(Dataset):
-    """One item per (video, caption) pair of a split."""
-
-    def __init__(self, data: SplitData, load: _VideoLoader, tokenizer) -> None:
-        self.data, self.load, self.tokenizer = data, load, tokenizer
-
-    def __len__(self) -> int:
-        return len(self.data.captions)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        video = int(self.data.caption_video[index])
-        frames, mask = self.load(self.data.records[video])
-        return {
-            "frames": frames,
-            "frame_mask": mask,
-            "tokens": self.tokenizer([self.data.captions[index]])[0],
-            "video_index": torch.tensor(video),
-            "caption_index": torch.tensor(index),
-        }
-
-
-class VideoDataset(Dataset):
-    """Each video of a split once (evaluation gallery)."""
-
-    def __init__(self, data: SplitData, load: _VideoLoader) -> None:
-        self.data, self.load = data, load
-
-    def __len__(self) -> int:
-        return len(self.data.records)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        frames, mask = self.load(self.data.records[index])
-        return {"frames": frames, "frame_mask": mask, "video_index": torch.tensor(index)}
-
-
-class CaptionDataset(Dataset):
-    """Each caption of a split once (evaluation queries), with the index of its video."""
-
-    def __init__(self, data: SplitData, tokenizer) -> None:
-        self.data, self.tokenizer = data, tokenizer
-
-    def __len__(self) -> int:
-        return len(self.data.captions)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "tokens": self.tokenizer([self.data.captions[index]])[0],
-            "caption_index": torch.tensor(index),
-            "video_index": self.data.caption_video[index],
-        }
-
-
-class PairBatchSampler(BatchSampler):
-    """Training batches that hold both clips of every pair they touch (hard negatives).
-
-    Every epoch the pairs are shuffled with a generator seeded by ``seed + epoch``; each
-    pair contributes one randomly chosen caption item of each of its two clips, so a batch
-    of ``batch_size`` items holds ``batch_size // 2`` pairs and an epoch sees one caption per
-    clip. All ranks draw the same batches and keep every ``num_replicas``-th one, so each
-    rank gets the same number of batches.
-
-    ``sampler`` only carries the distributed layout and the epoch: it is a
-    ``DistributedSampler`` (``num_replicas=1`` when not distributed). Under DDP Lightning
-    re-creates this batch sampler with its own ``DistributedSampler`` in place of
-    ``sampler`` (it does so for every ``BatchSampler`` subclass built inside a
-    ``*_dataloader`` hook) and calls its ``set_epoch`` every epoch, so
-    ``use_distributed_sampler=True`` (the default) needs no special handling.
-
-    Resuming mid-epoch: Lightning restores its batch counter but iterates the loader afresh,
-    and it builds that iterator before it sets the resumed epoch. With ``resume=(epoch,
-    batches_done)`` the first iteration is that epoch's order without its first
-    ``batches_done`` batches (per rank); later iterations follow ``set_epoch`` again.
-
-    Args:
-        sampler: Supplies ``num_replicas``, ``rank`` and ``epoch``.
-        batch_size: Items per batch (even).
-        drop_last: Drop the last incomplete batch; without it the batch list is padded by
-            repeating batches from its start until it divides among the replicas.
-        pairs: Per pair, the dataset item indices of each clip's captions.
-        seed: Shuffling seed.
-        resume: ``(epoch, batches_done)`` of an interrupted epoch, or None.
-    """
-
-    def __init__(
-        self,
-        sampler: DistributedSampler,
-        batch_size: int,
-        drop_last: bool = True,
-        *,
-        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-        seed: int = 0,
-        resume: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        if batch_size % 2:
-            raise ValueError(f"pair batches need an even batch_size; got {batch_size}")
-        if not pairs:
-            raise ValueError("pair batches need at least one pair")
-        self.pairs = [(list(a), list(b)) for a, b in pairs]
-        self.seed = seed
-        self.resume = resume
-
-    def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch that seeds the shuffle (Lightning sets it on ``sampler``)."""
-        self.sampler.set_epoch(epoch)
-
-    def _num_batches(self) -> int:
-        pairs_per_batch, replicas = self.batch_size // 2, self.sampler.num_replicas
-        if self.drop_last:
-            return len(self.pairs) // pairs_per_batch // replicas
-        return math.ceil(math.ceil(len(self.pairs) / pairs_per_batch) / replicas)
-
-    def __len__(self) -> int:
-        return self._num_batches()
-
-    def __iter__(self):
-        epoch, done = self.resume or (self.sampler.epoch, 0)
-        self.resume = None
-        if done >= len(self):  # saved once its epoch was over: the next one starts
-            epoch, done = epoch + 1, 0
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.pairs), generator=generator).tolist()
-        picks = torch.rand(len(self.pairs), 2, generator=generator)
-        pairs_per_batch = self.batch_size // 2
-        batches = [order[i : i + pairs_per_batch] for i in range(0, len(order), pairs_per_batch)]
-        total = self._num_batches() * self.sampler.num_replicas
-        batches = (batches * (total // max(len(batches), 1) + 1))[:total]
-        for batch in batches[self.sampler.rank :: self.sampler.num_replicas][done:]:
-            items = []
-            for pair in batch:
-                for side, captions in enumerate(self.pairs[pair]):
-                    items.append(captions[int(picks[pair, side] * len(captions))])
-            yield items
 
 
 class VideoTextDataModule(LightningDataModule):
