@@ -12,20 +12,13 @@ import retrieval
 from baselines.clip4clip import MeanPool
 from retrieval.bench import build_method, read_recipe, sweep, tokenize
 from retrieval.bench import floors
-from retrieval.bench.latency import (
-    CAPTIONS,
-    BenchSettings,
-    LiveTensorBytes,
-    MatmulTime,
-    bench_method,
-    encode_videos,
-    gallery_from,
-    scorer_floor,
-    time_offline,
-    time_online,
-)
+from retrieval.bench.floors import scorer_floor
+from retrieval.bench.gallery import gallery_from
+from retrieval.bench.latency import CAPTIONS, BenchSettings, bench_method
 from retrieval.bench.latency import main as bench_main
+from retrieval.bench.meters import LiveTensorBytes, MatmulTime
 from retrieval.bench.results import merge_rows, plot_latency, result_filename
+from retrieval.bench.timing import encode_videos, time_offline, time_online
 from retrieval.features import TextFeatures, VideoFeatures
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,9 @@
 """vtr's tools around a trained (or freshly built) method: latency, the offline index, sweeps.
 
 - :mod:`retrieval.bench.latency`: ``vtr bench latency`` (offline encode throughput and online
-  per-query latency against gallery size, beside the scorer's compute and bandwidth floors)
-  and ``vtr bench metrics`` (the metric suite's own cost);
+  per-query latency against gallery size, beside the scorer's compute and bandwidth floors),
+  timed by :mod:`retrieval.bench.timing` with the meters of :mod:`retrieval.bench.meters`;
+- :mod:`retrieval.bench.metrics_time`: ``vtr bench metrics`` (the metric suite's own cost);
 - :mod:`retrieval.bench.index`: ``vtr index`` (encode a split's videos once) and
   ``vtr search`` (rank them for a typed query);
 - :mod:`retrieval.bench.sweep`: ``vtr sweep`` (a local grid of ``vtr fit`` runs);

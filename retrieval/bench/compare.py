@@ -60,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 from retrieval.bench import build_method, read_recipe
-from retrieval.bench.latency import time_offline, time_online
+from retrieval.bench.timing import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import FreezeVisionTower, OptimConfig, RetrievalModule
 from retrieval.postprocess import Postprocess

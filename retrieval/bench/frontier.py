@@ -19,8 +19,8 @@ import torch
 
 import retrieval
 from retrieval.bench import build_method, read_checkpoint, read_recipe
-from retrieval.bench.latency import time_online
 from retrieval.bench.results import DEFAULT_OUT, atomic_path, device_name, merge_rows, result_filename
+from retrieval.bench.timing import time_online
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import pair_metrics, retrieval_metrics

@@ -1,25 +1,23 @@
-"""Latency of the three stages, the one way vtr times a method (``vtr bench``, ``vtr compare``).
+"""``vtr bench latency``: the three stages of every method timed the one way vtr times a method.
 
 What is measured (DESIGN.md, "Efficiency measurement"):
 
-- offline: ``encode_video`` throughput (videos/s, ms/video) on real-shaped frames;
+- offline: ``encode_video`` throughput (videos/s, ms/video) on real-shaped frames
+  (:func:`retrieval.bench.timing.time_offline`);
 - online: per-query latency of ``encode_text + score_gallery + topk`` over a gallery of N
   videos tiled from real features (:func:`gallery_from`), for query batches of 1 and 64:
   median, p10 and p90 over repeated timed runs after warm-up, device synchronised, under
-  ``torch.inference_mode()``; split into text-encode and score+top-k time;
-- peak memory of one query batch above what is already resident (model + gallery): on CUDA
-  ``torch.cuda.max_memory_allocated``; on the CPU, where torch keeps no allocator statistics,
-  the peak of live tensor bytes counted by a dispatch mode on one extra run
-  (``mem_method`` names which; kernel-internal scratch buffers are not seen by the latter);
+  ``torch.inference_mode()``; split into text-encode and score+top-k time
+  (:func:`retrieval.bench.timing.time_online`);
+- peak memory of one query batch above what is already resident (model + gallery), and
+  ``matmul_ms``, the part of one more scoring run spent inside the ops the compute floor prices
+  (the meters of :mod:`retrieval.bench.meters`);
 - floors (:func:`scorer_floor`): the scorer's compute floor, its matmul MACs per (query, video)
   pair (counted by ``FlopCounterMode``) times N at this machine's measured fp matmul rate,
   and the bandwidth floor ``N * bytes_per_video / BW`` with BW the measured read bandwidth,
   divided by the batch (one gallery read serves the whole batch; text-conditioned scorers read
   each chunk once for the whole query batch too). ``ratio_to_floor`` = measured score+top-k
-  time / the larger of the two floors;
-- ``matmul_ms``: the part of one more scoring run spent inside the ops the compute floor prices
-  (:class:`MatmulTime`), so a ratio above the floor splits into the matmuls' own rate at the
-  scorer's shapes and everything else (softmaxes, reductions, dispatch).
+  time / the larger of the two floors.
 
 Both rates are measured with the benchmark's own thread count, so the floors are what this
 process could reach, not the machine's peak.
@@ -27,45 +25,33 @@ process could reach, not the machine's peak.
 ``vtr bench latency`` writes one CSV per device/dtype/version (timm convention: the file name
 says where it was measured; rows of a re-measured method replace its old rows) and a log-log
 plot beside it, under ``runs/bench/`` unless ``--out`` names another folder
-(:mod:`retrieval.bench.results`). ``vtr bench metrics`` times
-:func:`retrieval.metrics.retrieval_metrics`.
+(:mod:`retrieval.bench.results`). This module is also ``vtr bench``'s command line: its other
+jobs are tools of their own modules (``vtr bench metrics``: :mod:`retrieval.bench.metrics_time`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import itertools
 import logging
 import math
-import statistics
-import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 import retrieval
 from retrieval.bench import build_method, read_recipe, tokenize
-from retrieval.bench.floors import scorer_floor, synchronize
+from retrieval.bench.floors import scorer_floor
 from retrieval.bench.gallery import gallery_from
-from retrieval.bench.results import DEFAULT_OUT, csv_value, device_name, merge_rows, plot_latency, result_filename
-from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.metrics import retrieval_metrics
+from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, plot_latency, result_filename
+from retrieval.bench.timing import encode_videos, time_offline, time_online
 from retrieval.module import RetrievalModule
 
 log = logging.getLogger(__name__)
-
-TEXT_RUNS = 5
-"""Query batches whose text encoding is timed (the scorer's repeats cycle over them)."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,236 +74,6 @@ CAPTIONS = (
     "a cartoon character explains how to cook pasta",
     "a car drives through a city street at night",
 )
-
-
-# ---------------------------------------------------------------------- timing primitives
-def _device_of(features: VideoFeatures) -> torch.device:
-    return next(iter(features.values())).device
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensors that ops allocate while active, and their peak.
-
-    Outputs that alias an input (in-place ops, views) are not new memory; a tensor's bytes are
-    released when the Python tensor dies. Used on the CPU, where the allocator keeps no stats.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if not isinstance(t, Tensor) or t._base is not None:
-                continue
-            storage = t.untyped_storage()
-            if storage.nbytes() == 0 or storage.data_ptr() in inputs:
-                continue
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._release, storage.nbytes())
-        return out
-
-
-class MatmulTime(TorchDispatchMode):
-    """Wall time spent inside the matmul-like ops that ``FlopCounterMode`` prices (mm, addmm,
-    bmm, baddbmm, fused attention), each timed on its own with the device synchronised.
-
-    With the compute floor it splits a scorer's time: the matmuls' own rate at the scorer's
-    shapes (narrow GEMMs run far below a square matmul's rate) against everything else.
-    """
-
-    OPS = frozenset(
-        getattr(torch.ops.aten, name).default
-        for name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
-                     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                     "_scaled_dot_product_cudnn_attention")
-        if hasattr(torch.ops.aten, name)
-    )
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.seconds = 0.0
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in self.OPS:
-            # composite ops (matmul, linear, einsum) reach a mode whole under inference_mode:
-            # decompose them, as FlopCounterMode does, so their mm/bmm are seen
-            with self:
-                out = func.decompose(*args, **kwargs)
-            return func(*args, **kwargs) if out is NotImplemented else out
-        synchronize(self.device)
-        start = time.perf_counter()
-        out = func(*args, **kwargs)
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
-
-
-def peak_memory_mb(run: Callable[[], Any], device: torch.device) -> tuple[float, str]:
-    """Peak memory one call of ``run`` adds above what is allocated before it, and the method."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda_max_memory_allocated"
-    with LiveTensorBytes() as counter:
-        run()
-    return counter.peak / 2**20, "cpu_live_tensor_peak"
-
-
-def time_online(
-    model: RetrievalModule,
-    tokens: Tensor,
-    gallery: VideoFeatures,
-    batch_size: int,
-    k: int = 10,
-    repeats: int = 20,
-    warmup: int = 3,
-    chunk_size: int | None = None,
-    max_seconds: float | None = None,
-) -> dict[str, Any]:
-    """Per-query latency of ``encode_text + score_gallery + topk`` over ``gallery``.
-
-    The text tower's time does not depend on N: it is timed on its own over ``TEXT_RUNS``
-    batches (each the next ``batch_size`` queries of ``tokens``, cycling), and the scorer's
-    warm-up and repeats (``score_gallery + topk``) cycle over those encoded batches. The
-    ms/query quantiles are the text median plus the scorer's quantiles. Times are wall-clock
-    with the device synchronised around each timed call.
-
-    Args:
-        model: the method (put in eval mode here); on the gallery's device and dtype.
-        tokens: ``[Q, L]`` token ids of real captions.
-        gallery: the precomputed ``VideoFeatures`` of N videos.
-        batch_size: queries per run.
-        k: top-k (clamped at N).
-        repeats: timed runs.
-        warmup: untimed runs first.
-        chunk_size: gallery videos per ``score`` call (default: the model's ``eval_chunk_size``).
-        max_seconds: a time budget: when the requested runs would exceed it, warm-up stops
-            after one run and fewer repeats (at least 3) are timed.
-
-    Returns:
-        ``ms_per_query_median`` (= ``_p50``), ``_p10``, ``_p90``, ``_p99``, ``text_ms`` and
-        ``score_ms`` (medians per query), ``repeats`` (runs timed), ``peak_mem_mb``, ``mem_method``,
-        ``matmul_ms`` (per query: the part of one more ``score_gallery`` spent in matmuls,
-        :class:`MatmulTime`).
-    """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    device = _device_of(gallery)
-    model.eval()
-    tokens = tokens.to(device)
-    k = min(k, len(gallery))
-    runs = itertools.count()
-
-    def next_batch() -> Tensor:
-        start = next(runs) * batch_size
-        return tokens[torch.arange(start, start + batch_size) % len(tokens)]
-
-    def encode() -> tuple[TextFeatures, float]:
-        batch = next_batch()
-        synchronize(device)
-        start = time.perf_counter()
-        text = model.encode_text(batch)
-        synchronize(device)
-        return text, time.perf_counter() - start
-
-    def run(text: TextFeatures) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        model.score_gallery(text, gallery, chunk_size).topk(k, dim=1)
-        synchronize(device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        # the text tower does not depend on N: timed on its own (a new batch each run, after one
-        # untimed run), outside the scorer's repeats, which cycle over the batches it encoded
-        encode()
-        encoded = [encode() for _ in range(min(repeats, TEXT_RUNS))]
-        texts = [text for text, _ in encoded]
-        text_s = statistics.median(seconds for _, seconds in encoded)
-        spent: list[float] = []
-        for i in range(warmup):
-            spent.append(run(texts[i % len(texts)]))
-            if max_seconds is not None and spent[-1] * (warmup + repeats) > max_seconds:
-                break  # one warm-up run is enough for a point this slow
-        if max_seconds is not None:
-            per_run = max(spent[-1] if spent else run(texts[0]), 1e-9)
-            remaining = max_seconds - sum(spent) - per_run  # the memory run comes last
-            repeats = max(3, min(repeats, int(remaining / per_run)))
-        times = [run(texts[i % len(texts)]) for i in range(repeats)]
-        peak, method = peak_memory_mb(lambda: (model.encode_text(next_batch()), run(texts[0])), device)
-        with MatmulTime(device) as matmul:
-            model.score_gallery(texts[0], gallery, chunk_size)
-    text_ms = 1e3 * text_s / batch_size
-    score = [1e3 * t / batch_size for t in times]
-    quantiles = torch.quantile(torch.tensor(score, dtype=torch.float64),
-                               torch.tensor([0.5, 0.1, 0.9, 0.99], dtype=torch.float64)).tolist()
-    median, p10, p90, p99 = (text_ms + q for q in quantiles)
-    return {
-        "ms_per_query_median": median,
-        "ms_per_query_p50": median,
-        "ms_per_query_p10": p10,
-        "ms_per_query_p90": p90,
-        "ms_per_query_p99": p99,
-        "text_ms": text_ms,
-        "score_ms": quantiles[0],
-        "repeats": repeats,
-        "peak_mem_mb": peak,
-        "mem_method": method,
-        "matmul_ms": 1e3 * matmul.seconds / batch_size,
-    }
-
-
-def time_offline(
-    model: RetrievalModule, frames: Tensor, frame_mask: Tensor, batch_size: int, repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Throughput of ``encode_video`` (the offline stage) on batches of ``batch_size`` videos.
-
-    Args:
-        frames: ``[B, T, 3, H, W]`` on the model's device (cycled when B < ``batch_size``).
-        frame_mask: ``[B, T]``.
-
-    Returns:
-        ``ms_per_video`` (median), ``videos_per_s`` and ``repeats``.
-    """
-    device = frames.device
-    index = torch.arange(batch_size) % len(frames)
-    batch, mask = frames[index], frame_mask[index]
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            model.encode_video(batch, mask)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    per_video = statistics.median(times) / batch_size
-    return {"ms_per_video": 1e3 * per_video, "videos_per_s": 1.0 / per_video, "repeats": repeats}
-
-
-def encode_videos(model: RetrievalModule, frames: Tensor, frame_mask: Tensor, batch_size: int) -> VideoFeatures:
-    """``encode_video`` over ``frames`` in batches, concatenated (real gallery features)."""
-    with torch.inference_mode():
-        parts = [model.encode_video(frames[i : i + batch_size], frame_mask[i : i + batch_size])
-                 for i in range(0, len(frames), batch_size)]
-    return VideoFeatures.cat(parts)
 
 
 # ---------------------------------------------------------------------- the benchmark driver
@@ -463,25 +219,6 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
               f"  {r.get('note') or ''}")
 
 
-def time_metrics(n: int, repeats: int = 3, chunk_size: int = 4096, seed: int = 0) -> dict[str, Any]:
-    """Seconds of :func:`retrieval.metrics.retrieval_metrics` on a random ``n x n`` similarity."""
-    generator = torch.Generator().manual_seed(seed)
-    similarity = torch.randn(n, n, generator=generator)
-    query_video = torch.arange(n)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        retrieval_metrics(similarity, query_video, chunk_size)
-        times.append(time.perf_counter() - start)
-    return {"n": n, "chunk_size": chunk_size, "threads": torch.get_num_threads(), "repeats": repeats,
-            "seconds_median": statistics.median(times), "seconds_min": min(times), "seconds_max": max(times),
-            "torch": torch.__version__, "vtr": retrieval.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
-
-
-METRIC_COLUMNS = ("n", "chunk_size", "threads", "repeats", "seconds_median", "seconds_min", "seconds_max",
-                  "torch", "vtr", "date")
-
-
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtr bench", description="Latency benchmarks (DESIGN.md, efficiency).")
@@ -510,17 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--chunk-size", type=int, default=None, help="gallery chunk per score call")
     lat.add_argument("--max-seconds-per-point", type=float, default=120.0,
                      help="time budget per (method, N, batch); larger galleries are skipped with a note")
-    met = sub.add_parser("metrics", help="time retrieval_metrics on an n x n similarity",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    met.add_argument("--n", type=int, default=10000)
-    met.add_argument("--repeats", type=int, default=3)
-    met.add_argument("--chunk-size", type=int, default=4096)
-    met.add_argument("--threads", type=int, default=None)
-    met.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                     help="output folder (the committed results: experiments/results)")
-    from retrieval.bench import frontier, gallery, train_step  # they import this module
+    from retrieval.bench import frontier, gallery, metrics_time, train_step  # train_step imports this module
 
-    for tool in (gallery, frontier, train_step):
+    for tool in (metrics_time, gallery, frontier, train_step):
         tool.add_parser(sub)
     return parser
 
@@ -529,23 +258,8 @@ def main(argv: Sequence[str]) -> None:
     """``vtr bench latency ...`` / ``vtr bench metrics ...`` (``argv[0]`` is the tool name)."""
     args = build_parser().parse_args(list(argv[1:]))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "tool", None):  # a tool of its own module (gallery, frontier, train)
+    if getattr(args, "tool", None):  # a tool of its own module (metrics, gallery, frontier, train)
         importlib.import_module(args.tool).run(args)
-        return
-    if args.command == "metrics":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        result = time_metrics(args.n, args.repeats, args.chunk_size)
-        path = args.out / result_filename("metrics", torch.device("cpu"), "fp32", torch.get_num_threads())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.is_file()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({c: csv_value(result[c]) for c in METRIC_COLUMNS})
-        print(f"retrieval_metrics {args.n}x{args.n}: median {result['seconds_median']:.3f} s "
-              f"(min {result['seconds_min']:.3f}, max {result['seconds_max']:.3f}; {result['threads']} threads) -> {path}")
         return
     configs = list(args.config) + (sorted(args.recipes_dir.glob("*.yaml")) if args.all else [])
     if not configs:

@@ -34,7 +34,7 @@ import av
 import numpy as np
 import torch
 
-from retrieval.bench.latency import result_filename
+from retrieval.bench.results import result_filename
 from retrieval.data.datamodule import VideoTextDataModule, default_cache_dir
 from retrieval.data.video import sample_indices, write_video
 from retrieval.tools.prepare import prepare_folder
