@@ -1,5 +1,6 @@
 """The data layer: annotation readers, PyAV decoding and frame sampling, the synthetic
-benchmark, the CLIP frame transform (``transforms``), the datasets (``datasets``), the pair
+benchmark (``synthetic``; its scenes in ``synthetic_scene``, its templates in
+``synthetic_templates``), the CLIP frame transform (``transforms``), the datasets (``datasets``), the pair
 batch sampler (``sampler``) and the DataModule (``datamodule``). Never imports model code."""
 
 from retrieval.data.datamodule import VideoTextDataModule

@@ -30,6 +30,11 @@ yuv420p) into an MSR-VTT-layout folder, so the same reader and decoder serve it:
 
 ``retrieval.data.formats`` reads it as ``name="synthetic"`` (validation and test videos with
 all their captions, so the multi-caption protocol is exercised). Pairs never straddle splits.
+
+The code is split in three: the world and its renderer (``synthetic_scene``), the pair
+templates and still frames (``synthetic_templates``), and, here, the dataset writer
+(manifest, captions, splits, the MSR-VTT-layout files) with the public API, which
+re-exports the names other code uses from the two.
 """
 
 from __future__ import annotations
@@ -37,30 +42,22 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from retrieval.data.synthetic_scene import COLOURS, DIFFICULTIES, SHAPES, _Canvas  # noqa: F401  (re-exported)
+from retrieval.data.synthetic_templates import (  # noqa: F401  (re-exported)
+    _PAIR_MAKERS,
+    KINDS,
+    TEMPLATE_KIND,
+    TEMPLATES,
+    still_frames,
+)
 from retrieval.data.video import write_video
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (240, 220, 40),
-    "cyan": (40, 215, 225),
-    "magenta": (215, 50, 215),
-    "orange": (250, 140, 30),
-    "white": (245, 245, 245),
-}
-SHAPES = ("square", "circle", "triangle")
-TEMPLATES = ("colour", "size", "side", "motion", "replace", "recolour")
-KINDS = ("static", "temporal")
-TEMPLATE_KIND = {name: "static" if i < 3 else "temporal" for i, name in enumerate(TEMPLATES)}
-DIFFICULTIES = ("easy", "hard")
 SPLITS = ("train", "val", "test")
 FPS = 8
 FORMAT_VERSION = 1
@@ -82,224 +79,6 @@ class PairInfo(NamedTuple):
     partner: str
     kind: str
     template: str
-
-
-@dataclass(frozen=True)
-class _Object:
-    shape: str
-    colour: tuple[int, int, int]
-    x: float
-    y: float
-    radius: float
-
-
-@dataclass(frozen=True)
-class _Clip:
-    """One generated clip: the objects of every frame and its caption phrasings."""
-
-    frames: list[list[_Object]]
-    captions: tuple[str, ...]
-
-
-class _Canvas:
-    """Geometry of one setting: frame size, object radii, where objects may be placed."""
-
-    def __init__(self, size: int, num_frames: int, difficulty: str) -> None:
-        self.size, self.num_frames, self.hard = size, num_frames, difficulty == "hard"
-        self.radius = max(3.0, (6 if self.hard else 8) * size / 64)
-        self.big, self.small = 1.5 * self.radius, 0.6 * self.radius
-        self.margin = self.big + 1
-        ys, xs = np.mgrid[0:size, 0:size]
-        self.xs, self.ys = xs + 0.5, ys + 0.5
-
-    def position(self, rng: np.random.Generator, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
-        """A random centre whose x lies in the fraction ``[low, high]`` of the usable width."""
-        span = self.size - 2 * self.margin
-        x = self.margin + span * rng.uniform(low, high)
-        return x, self.margin + span * rng.uniform()
-
-    def switch_frame(self, rng: np.random.Generator) -> int:
-        """First frame after an identity/colour switch: the middle, or 35-65 % when hard."""
-        if not self.hard:
-            return self.num_frames // 2
-        return int(rng.integers(round(0.35 * self.num_frames), round(0.65 * self.num_frames) + 1))
-
-    def mask(self, obj: _Object) -> np.ndarray:
-        dx, dy = self.xs - obj.x, self.ys - obj.y
-        if obj.shape == "square":
-            return (np.abs(dx) <= obj.radius) & (np.abs(dy) <= obj.radius)
-        if obj.shape == "circle":
-            return dx * dx + dy * dy <= obj.radius * obj.radius
-        depth = dy + obj.radius  # upward triangle: apex at the top, base 2r wide at the bottom
-        return (depth >= 0) & (dy <= obj.radius) & (np.abs(dx) <= depth / 2)
-
-    def render(self, clip: _Clip, rng: np.random.Generator) -> np.ndarray:
-        """uint8 frames ``[T, size, size, 3]``; the hard setting adds a grey background,
-        a static grey distractor and ±25 pixel noise."""
-        background = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-        if self.hard:
-            level = int(rng.integers(60, 121))
-            background[:] = level
-            x, y = self.position(rng)
-            shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            background[self.mask(_Object(shape, (0, 0, 0), x, y, self.radius))] = level + 80
-        video = np.empty((len(clip.frames), self.size, self.size, 3), dtype=np.uint8)
-        for t, objects in enumerate(clip.frames):
-            frame = background.copy()
-            for obj in objects:
-                frame[self.mask(obj)] = obj.colour
-            video[t] = frame
-        if self.hard:
-            noise = rng.integers(-25, 26, size=video.shape, dtype=np.int16)
-            video = np.clip(video.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-        return video
-
-
-def _a(word: str) -> str:
-    """The word with its indefinite article ("an orange", "a red")."""
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
-
-
-def _distinct(rng: np.random.Generator, options: tuple[str, ...] | list[str], k: int) -> list[str]:
-    return [options[i] for i in rng.choice(len(options), size=k, replace=False)]
-
-
-def _static(canvas: _Canvas, objects: list[_Object]) -> list[list[_Object]]:
-    return [objects] * canvas.num_frames
-
-
-def _colour_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape1, shape2 = (SHAPES[i] for i in rng.integers(len(SHAPES), size=2))
-    colour1, colour2, colour3 = _distinct(rng, list(COLOURS), 3)
-
-    def clip(second: str) -> _Clip:
-        first_left = rng.random() < 0.5  # each clip draws its own layout
-        x1, y1 = canvas.position(rng, *((0.0, 0.2) if first_left else (0.8, 1.0)))
-        x2, y2 = canvas.position(rng, *((0.8, 1.0) if first_left else (0.0, 0.2)))
-        objects = [
-            _Object(shape1, COLOURS[colour1], x1, y1, canvas.radius),
-            _Object(shape2, COLOURS[second], x2, y2, canvas.radius),
-        ]
-        captions = (
-            f"{_a(colour1)} {shape1} and {_a(second)} {shape2}",
-            f"{_a(second)} {shape2} and {_a(colour1)} {shape1}",
-            f"a {shape1} in {colour1} next to a {shape2} in {second}",
-        )
-        return _Clip(_static(canvas, objects), captions)
-
-    return clip(colour2), clip(colour3)
-
-
-def _size_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = _distinct(rng, list(COLOURS), 1)[0]
-
-    def clip(big: bool) -> _Clip:
-        x, y = canvas.position(rng)
-        radius = canvas.big if big else canvas.small
-        word, synonym = ("big", "large") if big else ("small", "tiny")
-        captions = (
-            f"a {word} {colour} {shape}",
-            f"a {synonym} {colour} {shape}",
-            f"{_a(colour)} {shape} that is {word}",
-        )
-        return _Clip(_static(canvas, [_Object(shape, COLOURS[colour], x, y, radius)]), captions)
-
-    return clip(True), clip(False)
-
-
-def _side_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = _distinct(rng, list(COLOURS), 1)[0]
-
-    def clip(side: str) -> _Clip:
-        x, y = canvas.position(rng, *((0.0, 0.25) if side == "left" else (0.75, 1.0)))
-        captions = (
-            f"{_a(colour)} {shape} on the {side}",
-            f"{_a(colour)} {shape} on the {side} side",
-            f"on the {side} there is {_a(colour)} {shape}",
-        )
-        return _Clip(_static(canvas, [_Object(shape, COLOURS[colour], x, y, canvas.radius)]), captions)
-
-    return clip("left"), clip("right")
-
-
-def _motion_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = _distinct(rng, list(COLOURS), 1)[0]
-
-    def clip(direction: str) -> _Clip:
-        # Both directions draw an unordered span the same way: the positions visited are
-        # identically distributed and only their order tells the clips apart.
-        while True:
-            (x0, y), (x1, _) = canvas.position(rng), canvas.position(rng)
-            if abs(x1 - x0) >= canvas.size / 3:
-                break
-        start, end = (max(x0, x1), min(x0, x1)) if direction == "left" else (min(x0, x1), max(x0, x1))
-        steps = np.linspace(start, end, canvas.num_frames)
-        frames = [[_Object(shape, COLOURS[colour], float(x), y, canvas.radius)] for x in steps]
-        other = "right" if direction == "left" else "left"
-        captions = (
-            f"{_a(colour)} {shape} moves {direction}",
-            f"{_a(colour)} {shape} moves to the {direction}",
-            f"{_a(colour)} {shape} slides from {other} to {direction}",
-        )
-        return _Clip(frames, captions)
-
-    return clip("left"), clip("right")
-
-
-def _sequence(canvas: _Canvas, rng: np.random.Generator, first: _Object, second: _Object) -> list[list[_Object]]:
-    switch = canvas.switch_frame(rng)
-    return [[first]] * switch + [[second]] * (canvas.num_frames - switch)
-
-
-def _replace_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape_x, shape_y = (SHAPES[i] for i in rng.integers(len(SHAPES), size=2))
-    colour_x, colour_y = _distinct(rng, list(COLOURS), 2)
-    named = {"x": (colour_x, shape_x), "y": (colour_y, shape_y)}
-
-    def clip(order: str) -> _Clip:
-        (c1, s1), (c2, s2) = named[order[0]], named[order[1]]
-        x, y = canvas.position(rng)
-        first = _Object(s1, COLOURS[c1], x, y, canvas.radius)
-        second = _Object(s2, COLOURS[c2], x, y, canvas.radius)
-        captions = (
-            f"{_a(c1)} {s1} is replaced by {_a(c2)} {s2}",
-            f"{_a(c1)} {s1} changes into {_a(c2)} {s2}",
-            f"first {_a(c1)} {s1}, then {_a(c2)} {s2}",
-        )
-        return _Clip(_sequence(canvas, rng, first, second), captions)
-
-    return clip("xy"), clip("yx")
-
-
-def _recolour_pair(canvas: _Canvas, rng: np.random.Generator) -> tuple[_Clip, _Clip]:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour_a, colour_b = _distinct(rng, list(COLOURS), 2)
-
-    def clip(before: str, after: str) -> _Clip:
-        x, y = canvas.position(rng)
-        first = _Object(shape, COLOURS[before], x, y, canvas.radius)
-        second = _Object(shape, COLOURS[after], x, y, canvas.radius)
-        captions = (
-            f"a {shape} turns from {before} to {after}",
-            f"{_a(before)} {shape} becomes {after}",
-            f"a {shape} changes colour from {before} to {after}",
-        )
-        return _Clip(_sequence(canvas, rng, first, second), captions)
-
-    return clip(colour_a, colour_b), clip(colour_b, colour_a)
-
-
-_PAIR_MAKERS = {
-    "colour": _colour_pair,
-    "size": _size_pair,
-    "side": _side_pair,
-    "motion": _motion_pair,
-    "replace": _replace_pair,
-    "recolour": _recolour_pair,
-}
 
 
 _DEFAULTS = {"num_train": 4000, "num_val": 400, "num_test": 400, "seed": 0, "size": 64,
@@ -448,43 +227,6 @@ def generate(
     _write_json(root / MANIFEST, {"params": params, "complete": True,
                                   "video_ids": [video["video_id"] for video in videos]})
     return root
-
-
-def still_frames(num: int, seed: int = 0, size: int = 64, difficulty: str = "easy") -> tuple[np.ndarray, list[str]]:
-    """Single frames of the benchmark's world with their static descriptions.
-
-    The material the tiny backbone is pretrained on, the way CLIP is pretrained on image-text
-    pairs: one or two objects with a colour, a shape, a size (big / small / plain) and a side
-    (left / middle / right), drawn by the same renderer as the clips. Descriptions say nothing
-    about time; the verbs of the temporal captions are only learned when fine-tuning.
-
-    Args:
-        num: Number of frames.
-        seed: Random seed (the same seed gives the same frames and descriptions).
-        size: Frame height and width in pixels.
-        difficulty: ``"easy"`` or ``"hard"`` (background, noise, distractor).
-
-    Returns:
-        ``(frames uint8 [num, size, size, 3], descriptions)``.
-    """
-    canvas = _Canvas(size, 1, difficulty)
-    rng = np.random.default_rng([seed, 7919])
-    frames = np.empty((num, size, size, 3), dtype=np.uint8)
-    descriptions = []
-    for i in range(num):
-        phrases, objects = [], []
-        for _ in range(1 + int(rng.random() < 0.4)):
-            shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-            size_word, radius = [("", canvas.radius), ("big ", canvas.big), ("small ", canvas.small)][int(rng.integers(3))]
-            x, y = canvas.position(rng)
-            third = (x - canvas.margin) / (size - 2 * canvas.margin)
-            side = "on the left" if third < 1 / 3 else "on the right" if third > 2 / 3 else "in the middle"
-            objects.append(_Object(shape, COLOURS[colour], x, y, radius))
-            phrases.append(f"{_a(size_word + colour)} {shape} {side}")
-        frames[i] = canvas.render(_Clip([objects], ()), rng)[0]
-        descriptions.append(" and ".join(phrases))
-    return frames, descriptions
 
 
 def pair_info(root: str | Path) -> dict[str, PairInfo]:
