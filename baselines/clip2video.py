@@ -22,8 +22,9 @@ embedding is ``[sqrt(w) v_glob, sqrt(1-w) v_TAB]`` and the text one ``[sqrt(w) t
 sqrt(1-w) t_TAB]``, whose dot product is exactly ``w cos_glob + (1-w) cos_TAB`` (a query costs
 2 D per video). Training uses the official loss, ``w CE_sym(S_glob) + (1-w) CE_sym(S_TAB)``
 (not ``CE_sym(S)``): the halves are recovered by slicing the stored embeddings and
-re-normalising them (:meth:`CLIP2Video.branches`); the global term is the contrastive loss,
-the TAB term the auxiliary loss ``tab``, each through the shared (distributed) contrastive loss.
+re-normalising them (:meth:`CLIP2Video.branches`): ``training_logits`` gives the two score
+matrices, ``contrastive`` (global, weight w) and ``tab`` (weight 1 - w), and the shared
+(distributed) loss takes symmetric InfoNCE over each.
 
 Differences from the official code, on purpose:
 
@@ -52,10 +53,8 @@ from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.retriever import Retriever
 from retrieval.temporal import copy_text_blocks, mean_pool_normalized, run_blocks, text_position_embedding
-
-CLIP2VIDEO_OPTIM = OptimConfig(lr=1e-4, clip_lr=1e-7, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_ratio=0.1)
 
 FRAME_TYPE, DIFFERENCE_TYPE = 1, 0  # type-embedding ids of the official code
 CENTER_STD = 64**-0.5  # the code's N(0, 0.125) for both centre tables, whatever the width
@@ -140,7 +139,7 @@ class TemporalAlignmentBlock(nn.Module):
         return F.normalize(F.normalize(residuals, dim=-1).mean(1), dim=-1)
 
 
-class CLIP2Video(RetrievalModule):
+class CLIP2Video(Retriever):
     """CLIP2Video: TDB global embedding and TAB aligned embedding, mixed into one dot product.
 
     Args:
@@ -151,22 +150,11 @@ class CLIP2Video(RetrievalModule):
             ``1 - w`` weighs the TAB score and loss.
     """
 
-    offline = True
+    fusion_free = True
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = CLIP2VIDEO_OPTIM,
-        eval_chunk_size: int = 1024,
-        num_temporal_layers: int = 4,
-        num_centers: int = 5,
-        center_weight: float = 0.5,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
+    def __init__(self, num_temporal_layers: int = 4, num_centers: int = 5, center_weight: float = 0.5,
+                 **shared) -> None:
+        super().__init__(**shared)
         if not 0.0 <= center_weight <= 1.0:
             raise ValueError(f"center_weight={center_weight} must be in [0, 1] (the weight of the global score)")
         if num_centers < 1:
@@ -208,7 +196,7 @@ class CLIP2Video(RetrievalModule):
         sentence, words = self.clip.encode_text(tokens)  # [Q, D], [Q, L, D]
         word_mask = tokens != 0
         word_mask[:, 0] = False  # SOT out, EOT kept
-        return TextFeatures(sentence=self.mix(F.normalize(sentence, dim=-1), self.tab(words, word_mask)))  # [Q, 2D]
+        return TextFeatures(embedding=self.mix(F.normalize(sentence, dim=-1), self.tab(words, word_mask)))  # [Q, 2D]
 
     # ------------------------------------------------------------------ one dot product, two losses
     def mix(self, glob: Tensor, tab: Tensor) -> Tensor:
@@ -221,14 +209,12 @@ class CLIP2Video(RetrievalModule):
         glob, tab = mixed.chunk(2, dim=-1)
         return F.normalize(glob, dim=-1), F.normalize(tab, dim=-1)
 
-    def contrastive_loss(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
-        """``w CE_sym(S_glob)``: the global branch's share of the official loss."""
-        (t_glob, _), (v_glob, _) = self.branches(text.sentence), self.branches(video.embedding)
-        glob = super().contrastive_loss(TextFeatures(sentence=t_glob), VideoFeatures(embedding=v_glob))
-        return self.center_weight * glob
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """``w CE_sym(S_glob) + (1 - w) CE_sym(S_TAB)``: the official loss."""
+        return {"contrastive": self.center_weight, "tab": 1 - self.center_weight}
 
-    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        """``(1 - w) CE_sym(S_TAB)``: the TAB branch's share of the official loss."""
-        (_, t_tab), (_, v_tab) = self.branches(text.sentence), self.branches(video.embedding)
-        tab = super().contrastive_loss(TextFeatures(sentence=t_tab), VideoFeatures(embedding=v_tab))
-        return {"tab": (1 - self.center_weight) * tab}
+    def training_logits(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """The global and the TAB branch's logits, each ``σ · cos`` of its unit halves."""
+        (t_glob, t_tab), (v_glob, v_tab) = self.branches(text.embedding), self.branches(video.embedding)
+        return {"contrastive": self.logit_scale() * t_glob @ v_glob.T, "tab": self.logit_scale() * t_tab @ v_tab.T}

@@ -12,7 +12,7 @@ a similarity head:
   frames of every (text, video) pair — the fusion extreme.
 
 MeanPool and SeqTransf are fusion-free: the video embedding never sees the text, so it is
-computed once, offline, and a query costs one dot product per video. TightTransf is
+computed once, offline (``fusion_free``), and a query costs one dot product per video. TightTransf is
 text-conditioned: only the frame features can be cached.
 
 Recipe (README): batch 128, 5 epochs, lr 1e-4 for new modules and 1e-7 (``coef_lr 1e-3``) for
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.retriever import Retriever
 from retrieval.temporal import (
     TemporalTransformer,
     copy_text_blocks,
@@ -40,29 +40,19 @@ from retrieval.temporal import (
     text_position_embedding,
 )
 
-CLIP4CLIP_OPTIM = OptimConfig(lr=1e-4, clip_lr=1e-7, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_ratio=0.1)
+class MeanPool(Retriever):
+    """CLIP4Clip meanP: the video is the mean of its normalised frame features.
 
+    Args:
+        shared: ``backbone``, ``pretrained``, ``quick_gelu``, ``num_frames``, ``max_words``
+            (:class:`~retrieval.retriever.Retriever`).
+    """
 
-class MeanPool(RetrievalModule):
-    """CLIP4Clip meanP: the video is the mean of its normalised frame features."""
-
-    offline = True
-
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = CLIP4CLIP_OPTIM,
-        eval_chunk_size: int = 1024,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
+    fusion_free = True
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # [Q, D]
-        return TextFeatures(sentence=sentence / sentence.norm(dim=-1, keepdim=True))
+        return TextFeatures(embedding=sentence / sentence.norm(dim=-1, keepdim=True))
 
     def frame_features(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """Per-frame CLIP features ``[B, T, D]``; the hook SeqTransf refines."""
@@ -82,18 +72,8 @@ class SeqTransf(MeanPool):
             text blocks 0-3).
     """
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = CLIP4CLIP_OPTIM,
-        eval_chunk_size: int = 1024,
-        num_temporal_layers: int = 4,
-    ) -> None:
-        super().__init__(backbone, pretrained, quick_gelu, num_frames, max_words, optim, eval_chunk_size)
+    def __init__(self, num_temporal_layers: int = 4, **shared) -> None:
+        super().__init__(**shared)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
 
     def frame_features(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
@@ -148,7 +128,7 @@ class CrossTransformer(nn.Module):
         return rearrange(pooled, "(q n) d -> q n d", q=q)
 
 
-class TightTransf(RetrievalModule):
+class TightTransf(Retriever):
     """CLIP4Clip tightTransf (``--sim_header tightTransf`` without ``--loose_type``;
     ``_cross_similarity``, ``module_cross.CrossModel``): the fusion extreme.
 
@@ -173,30 +153,19 @@ class TightTransf(RetrievalModule):
     Memory: a ``score`` call over Q queries and a chunk of N videos runs Q·N sequences of 1+T
     tokens; the peak is one block's MLP, about ``Q·N·(1+T)·(4·D + 3·D) · 4`` bytes (hidden layer,
     its activation and the residual stream, fp32) plus the ``[Q·N·heads, 1+T, 1+T]`` mask;
-    ≈ 190 MB per 1,000 pairs at T=12, D=512. Hence the small default ``eval_chunk_size``.
+    ≈ 190 MB per 1,000 pairs at T=12, D=512. Hence the small ``eval_chunk_size``.
     """
 
-    offline = False
+    eval_chunk_size = 32
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = CLIP4CLIP_OPTIM,
-        eval_chunk_size: int = 32,
-        num_cross_layers: int = 4,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
+    def __init__(self, num_cross_layers: int = 4, dropout: float = 0.1, **shared) -> None:
+        super().__init__(**shared)
         self.cross = CrossTransformer(self.clip, num_cross_layers, dropout)
         self.similarity_dense = bert_linear(self.clip.embed_dim, 1)
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # s [Q, D], un-normalised
-        return TextFeatures(sentence=sentence)
+        return TextFeatures(eot=sentence)
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         self.check_frames(frames, frame_mask)
@@ -204,5 +173,5 @@ class TightTransf(RetrievalModule):
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``similarity_dense(pool(cross([s; F])))``: ``[Q, N]`` logits (no logit scale)."""
-        fused = self.cross(text.sentence, video.frames, video.frame_mask)  # [Q, N, D]
+        fused = self.cross(text.eot, video.frames, video.frame_mask)  # [Q, N, D]
         return self.similarity_dense(fused).squeeze(-1)

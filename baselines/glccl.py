@@ -34,8 +34,8 @@ Differences from the official code, on purpose:
 - λ = 0.5 by default (the README's ``--csc_loss_weight 0.5``); the code's flag
   ``--var_loss_weight`` defaults to 0.1, available as ``csc_weight=0.1``;
 - CSC is computed per rank on the local B×B pairs (the official code computes it on the
-  all-gathered global matrix); its score matrices are recomputed in ``auxiliary_losses``
-  (B² pairs, ≈ 7 GMACs at B=128: under 0.2 % of the batch's CLIP forward);
+  all-gathered global matrix), from the in-batch block of the components the contrastive
+  loss scored;
 - padding tokens are words by default, as in the official code; ``mask_padding_words`` drops
   them both as guides and as words; ``mask_padding_frames`` hides padded frames from GLIM
   (the official code does not mask them);
@@ -49,9 +49,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.xclip import XCLIP_OPTIM, MultiGrainedScores
+from baselines.xclip import MultiGrainedScores
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule, frame_products
+from retrieval.retriever import Retriever, frame_products
 from retrieval.temporal import TemporalTransformer
 
 
@@ -85,7 +85,7 @@ def contrastive_score_consistency(scores: Tensor) -> Tensor:
     return positives.mean() / ((variance.sum() - positives.sum()) / b**2)
 
 
-class GLCCL(RetrievalModule):
+class GLCCL(Retriever):
     """GLCCL: text-guided pooling (GLIM) + X-CLIP's four-score head + the CSC loss.
 
     Args:
@@ -103,32 +103,18 @@ class GLCCL(RetrievalModule):
     ``eval_chunk_pairs`` pairs for a batch.
     """
 
-    offline = False
+    eval_chunk_size = 512
+    eval_chunk_pairs = 1024
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = XCLIP_OPTIM,
-        eval_chunk_size: int = 512,
-        eval_chunk_pairs: int | None = 1024,
-        num_temporal_layers: int = 4,
-        temperature: float = 0.01,
-        guidance_temperature: float = 5.0,
-        csc_weight: float = 0.5,
-        mask_padding_words: bool = False,
-        mask_padding_frames: bool = False,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
-        self.set_pair_budget(eval_chunk_pairs)
+    def __init__(self, num_temporal_layers: int = 4, temperature: float = 0.01, guidance_temperature: float = 5.0,
+                 csc_weight: float = 0.5, mask_padding_words: bool = False, mask_padding_frames: bool = False,
+                 **shared) -> None:
+        super().__init__(**shared)
         if csc_weight < 0:
             raise ValueError(f"csc_weight must be >= 0, got {csc_weight}")
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
         # The word-guided features take the place of frames: every mixing matrix is L×L.
-        self.head = MultiGrainedScores(max_words, max_words, self.clip.embed_dim, temperature)
+        self.head = MultiGrainedScores(self.max_words, self.max_words, self.clip.embed_dim, temperature)
         self.guidance_temperature = guidance_temperature
         self.csc_weight = csc_weight
         self.mask_padding_words = mask_padding_words
@@ -187,23 +173,17 @@ class GLCCL(RetrievalModule):
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``S = (S_vs + S_vw + S_sf + S_fw) / 4``: ``[Q, N]`` logits."""
+        return self.score_components(text, video).mean(dim=0)
+
+    def training_logits(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """``S`` for the loss, and its four components ``[4, Q, N]`` for the CSC term."""
         components = self.score_components(text, video)
-        if self.training and self.csc_weight:  # the in-batch components, kept for auxiliary_losses
-            self._in_batch = (text, video, components)
-        return components.mean(dim=0)
+        return {"contrastive": components.mean(dim=0), "components": components}
 
-    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        """``{"csc": λ · L_CSC}`` on this rank's B×B in-batch pairs.
-
-        In one process the contrastive loss has just scored exactly these pairs: their
-        components are reused, not recomputed (under DDP the loss scores against the global
-        batch, so they are computed here).
-        """
-        kept, self._in_batch = getattr(self, "_in_batch", None), None
+    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures,
+                         logits: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{"csc": λ · L_CSC}`` on this rank's B×B in-batch pairs, from the components the
+        contrastive loss has just scored (not recomputed)."""
         if self.csc_weight == 0:
             return {}
-        if kept is not None and kept[0] is text and kept[1] is video:
-            components = kept[2]
-        else:
-            components = self.score_components(text, video)
-        return {"csc": self.csc_weight * contrastive_score_consistency(components)}
+        return {"csc": self.csc_weight * contrastive_score_consistency(logits["components"])}

@@ -52,10 +52,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.retriever import Retriever
 from retrieval.temporal import masked_mean, padding_attn_mask
-
-STAN_OPTIM = OptimConfig(lr=2e-5, clip_lr=2e-6, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-8, warmup_ratio=1.0)
 
 MAX_FRAMES = 64  # rows of the temporal embedding (``STAN_time_embed``)
 
@@ -142,7 +140,7 @@ class STANLevel(nn.Module):
         return self.spatial(cls, self.temporal(patches, mask), mask)
 
 
-class STAN(RetrievalModule):
+class STAN(Retriever):
     """CLIP with the Spatial-Temporal Auxiliary Network branch on its last K vision layers.
 
     Args:
@@ -153,30 +151,19 @@ class STAN(RetrievalModule):
             the released code).
     """
 
-    offline = True
+    fusion_free = True
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = STAN_OPTIM,
-        eval_chunk_size: int = 1024,
-        num_levels: int = 4,
-        temperature: float = 0.01,
-        drop_path_rate: float = 0.1,
-        use_projection: bool = False,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
+    def __init__(self, num_levels: int = 4, temperature: float = 0.01, drop_path_rate: float = 0.1,
+                 use_projection: bool = False, **shared) -> None:
+        super().__init__(**shared)
         blocks = self.clip.vision_blocks
         if not 1 <= num_levels <= len(blocks):
-            raise ValueError(f"num_levels={num_levels} must be in [1, {len(blocks)}], the vision depth of {backbone!r}")
+            raise ValueError(f"num_levels={num_levels} must be in [1, {len(blocks)}], the vision depth of "
+                             f"{self.clip.name!r}")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive")
-        if not 1 <= num_frames <= MAX_FRAMES:
-            raise ValueError(f"num_frames={num_frames} must be in [1, {MAX_FRAMES}], STAN's temporal positions")
+        if not 1 <= self.num_frames <= MAX_FRAMES:
+            raise ValueError(f"num_frames={self.num_frames} must be in [1, {MAX_FRAMES}], STAN's temporal positions")
         self.temperature = temperature
         self.clip.logit_scale.requires_grad_(False)
         self.first_layer = len(blocks) - num_levels
@@ -237,12 +224,13 @@ class STAN(RetrievalModule):
     # ------------------------------------------------------------------ text, score, loss
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # [Q, D]
-        return TextFeatures(sentence=F.normalize(sentence, dim=-1))
+        return TextFeatures(embedding=F.normalize(sentence, dim=-1))
 
     def logit_scale(self) -> Tensor:
         """The fixed ``1 / tau`` (STAN learns no temperature)."""
         return self.clip.logit_scale.new_tensor(1.0 / self.temperature)
 
-    def contrastive_loss(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+    @property
+    def loss_weights(self) -> dict[str, float]:
         """``NormSoftmaxLoss``: row and column cross-entropies summed (twice the shared mean)."""
-        return 2 * super().contrastive_loss(text, video)
+        return {"contrastive": 2.0}

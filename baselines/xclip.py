@@ -47,11 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule, frame_products
+from retrieval.retriever import Retriever, frame_products
 from retrieval.temporal import TemporalTransformer, mean_pool_normalized
-
-XCLIP_OPTIM = OptimConfig(lr=1e-4, clip_lr=1e-7, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_ratio=0.1)
-
 
 def check_length(actual: int, expected: int, option: str, what: str) -> None:
     """Refuse a frame or token count that differs from the size of the mixing matrices."""
@@ -199,7 +196,7 @@ class MultiGrainedScores(nn.Module):
         return scores.transpose(1, 2)
 
 
-class XCLIP(RetrievalModule):
+class XCLIP(Retriever):
     """X-CLIP with the seqTransf video encoder.
 
     Args:
@@ -216,30 +213,18 @@ class XCLIP(RetrievalModule):
     project's CPU; GLCCL, whose per-pair tensors are 4× larger, is fastest at 1,024).
     """
 
-    offline = False
+    eval_chunk_size = 512
+    eval_chunk_pairs = 3072
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = XCLIP_OPTIM,
-        eval_chunk_size: int = 512,
-        eval_chunk_pairs: int | None = 3072,
-        num_temporal_layers: int = 4,
-        temperature: float = 0.01,
-        mask_padding_words: bool = False,
-        mask_padding_frames: bool = False,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
-        self.set_pair_budget(eval_chunk_pairs)
+    def __init__(self, num_temporal_layers: int = 4, temperature: float = 0.01, mask_padding_words: bool = False,
+                 mask_padding_frames: bool = False, **shared) -> None:
+        super().__init__(**shared)
         self.temporal = TemporalTransformer(self.clip, num_temporal_layers)
         positions = self.temporal.frame_position_embeddings.num_embeddings
-        if not 1 <= num_frames <= positions:
-            raise ValueError(f"num_frames={num_frames} must be in [1, {positions}] (the frame positions of {backbone!r})")
-        self.head = MultiGrainedScores(num_frames, max_words, self.clip.embed_dim, temperature)
+        if not 1 <= self.num_frames <= positions:
+            raise ValueError(f"num_frames={self.num_frames} must be in [1, {positions}] (the frame positions of "
+                             f"{self.clip.name!r})")
+        self.head = MultiGrainedScores(self.num_frames, self.max_words, self.clip.embed_dim, temperature)
         self.mask_padding_words = mask_padding_words
         self.mask_padding_frames = mask_padding_frames
 
@@ -254,7 +239,7 @@ class XCLIP(RetrievalModule):
         check_length(frames.shape[1], self.num_frames, "num_frames", "the video")
         clip_frames = self.clip.encode_frames(frames)  # [B, T, D]
         video = mean_pool_normalized(self.temporal(clip_frames, frame_mask), frame_mask)  # v̂ [B, D]
-        return VideoFeatures(video=video, frames=F.normalize(clip_frames, dim=-1), frame_mask=frame_mask)
+        return VideoFeatures(embedding=video, frames=F.normalize(clip_frames, dim=-1), frame_mask=frame_mask)
 
     def score_components(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """The four logit-scaled scores ``[4, Q, N]`` (S_vs, S_vw, S_sf, S_fw)."""
@@ -268,8 +253,8 @@ class XCLIP(RetrievalModule):
         dots = frame_products(frames, text.frame_operand.reshape(q * (l + 1), d)).view(n, t, q, l + 1)
         frame_word_logits = dots[..., :l].contiguous()  # ⟨ŵ_ℓA_l, f̂_t⟩ / τ [N, T, Q, L]
         sentence_frame = dots[..., l].transpose(1, 2)  # ⟨ŝ, f̂_t⟩ [N, Q, T]
-        video_word = (video.video @ text.words.reshape(q * l, d).T).view(n, q, l)
-        video_sentence = video.video @ text.sentence_global.T  # [N, Q]
+        video_word = (video.embedding @ text.words.reshape(q * l, d).T).view(n, q, l)
+        video_sentence = video.embedding @ text.sentence_global.T  # [N, Q]
         word_mask = text.word_mask if self.mask_padding_words else None  # [Q, L]
         frame_mask = video.frame_mask[:, None] if self.mask_padding_frames else None  # [N, 1, T]
         scores = self.head(video_sentence, video_word, sentence_frame, frame_word_logits, word_mask, frame_mask)

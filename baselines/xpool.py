@@ -49,9 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule, frame_products
-
-XPOOL_OPTIM = OptimConfig(lr=3e-5, clip_lr=1e-6, weight_decay=0.2, decay_all=True, betas=(0.9, 0.999), eps=1e-6, warmup_ratio=0.1)
+from retrieval.retriever import Retriever, frame_products
 
 
 def identity_linear(dim: int) -> nn.Linear:
@@ -167,7 +165,7 @@ class TextConditionedPooling(nn.Module):
         return dot / norm_sq.sqrt().clamp_min(1e-12)
 
 
-class XPool(RetrievalModule):
+class XPool(Retriever):
     """X-Pool: text-conditioned pooling of CLIP frame features.
 
     Args:
@@ -181,22 +179,11 @@ class XPool(RetrievalModule):
     10 MB per 1,000 pairs at D=512. The eval cache is ``2·T·D + (3T+3)·T`` floats per video.
     """
 
-    offline = False
+    eval_chunk_size = 256
+    eval_chunk_pairs = 16384
 
-    def __init__(
-        self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
-        num_frames: int = 12,
-        max_words: int = 32,
-        optim: OptimConfig = XPOOL_OPTIM,
-        eval_chunk_size: int = 256,
-        eval_chunk_pairs: int | None = 16384,
-        dropout: float = 0.3,
-    ) -> None:
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
-        self.set_pair_budget(eval_chunk_pairs)
+    def __init__(self, dropout: float = 0.3, **shared) -> None:
+        super().__init__(**shared)
         self.pool_frames = TextConditionedPooling(self.clip.embed_dim, dropout)
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
@@ -205,21 +192,26 @@ class XPool(RetrievalModule):
         return TextFeatures(sentence=unit, query=self.pool_frames.query(sentence), terms=self.pool_frames.text_terms(unit))
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
-        """Keys and values in training (the block as written, with dropout); in eval the keys,
-        ``g`` and the forms of :meth:`TextConditionedPooling.pooling_forms` (same scores, 20× fewer MACs)."""
+        """The frames' keys and values: what the block as written (with dropout) pools."""
         self.check_frames(frames, frame_mask)
         keys, values = self.pool_frames.keys_values(self.clip.encode_frames(frames))  # [B, T, D] each
-        if self.training:
-            return VideoFeatures(frame_keys=keys, frame_values=values, frame_mask=frame_mask)
-        g, forms = self.pool_frames.pooling_forms(values)
-        return VideoFeatures(frame_keys=keys, frame_g=g, frame_forms=forms, frame_mask=frame_mask)
+        return VideoFeatures(frame_keys=keys, frame_values=values, frame_mask=frame_mask)
+
+    def prepare_gallery(self, video: VideoFeatures) -> VideoFeatures:
+        """The inference cache: the keys, ``g`` and the forms of
+        :meth:`TextConditionedPooling.pooling_forms` in place of the values (same scores without
+        dropout, 20× fewer MACs per pair)."""
+        if "frame_values" not in video:
+            return video
+        g, forms = self.pool_frames.pooling_forms(video.frame_values)
+        return VideoFeatures(frame_keys=video.frame_keys, frame_g=g, frame_forms=forms, frame_mask=video.frame_mask)
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """``σ · cos(t, pool(V | t))``: ``[Q, N]`` logits."""
         if "frame_values" not in video:
             if self.training and self.pool_frames.dropout.p > 0:
-                raise RuntimeError("X-Pool: these video features were encoded in eval mode (no values for the "
-                                   "dropout branch); encode the videos in training mode to train on them")
+                raise RuntimeError("X-Pool: these video features went through prepare_gallery (no values for the "
+                                   "dropout branch); train on encode_video's output")
             cosine = self.pool_frames.pooled_cosine(text.query, text.sentence, text.terms, video.frame_keys,
                                                     video.frame_g, video.frame_forms, video.frame_mask)  # [N, Q]
             return self.logit_scale() * cosine.T

@@ -1,7 +1,8 @@
 """The ``vtr`` command.
 
-- ``vtr fit | validate | test``: LightningCLI over any ``RetrievalModule`` subclass (swap methods
-  with ``--model.class_path`` or a YAML under ``experiments/model/``) and the one
+- ``vtr fit | validate | test``: LightningCLI over the one ``RetrievalModule`` with any
+  ``Retriever`` (swap methods with ``--model.retriever.class_path`` or a recipe YAML under
+  ``experiments/model/``; a variant is a second ``--config`` with only its change) and the one
   ``VideoTextDataModule``. Checkpoints are selected on ``val/t2v_R1``, never on test.
 - ``vtr compare | bench | index | search | sweep | prepare | pretrain``: the framework's tools
   (``vtr TOOL --help``). Per-video features of a split are ``vtr index`` (there is no
@@ -9,8 +10,8 @@
 
 What the CLI adds to LightningCLI:
 
-- the data's ``backbone``, ``num_frames`` and ``max_words`` are the model's (linked: set them
-  once, under ``model.init_args``), and so is ``eval_num_frames`` for a method that fixes it;
+- the data's ``backbone``, ``num_frames`` and ``max_words`` are the retriever's (linked: set them
+  once, under ``model.retriever.init_args``), and so is ``eval_num_frames`` for a method that fixes it;
 - each run keeps its ``config.yaml`` in its own folder, beside its logs and checkpoints, and
   never writes over another run's;
 - ``checkpoints/last.ckpt`` is rewritten at every validation, and ``--ckpt_path last`` is the
@@ -40,15 +41,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
-from retrieval.module import RetrievalModule
+from retrieval.training import RetrievalModule
 from retrieval.postprocess import Postprocess
 
 TOOLS = {
-    "compare": "retrieval.bench.compare",
+    "compare": "retrieval.tools.compare",
     "bench": "retrieval.bench.latency",
-    "index": "retrieval.bench.index",
-    "search": "retrieval.bench.index",
-    "sweep": "retrieval.bench.sweep",
+    "index": "retrieval.tools.index",
+    "search": "retrieval.tools.index",
+    "sweep": "retrieval.tools.sweep",
     "prepare": "retrieval.tools.prepare",
     "pretrain": "retrieval.pretrain",
 }
@@ -116,7 +117,7 @@ class VTRCLI(LightningCLI):
             }
         )
         for key in MODEL_SETTINGS:
-            parser.link_arguments(f"model.init_args.{key}", f"data.{key}")
+            parser.link_arguments(f"model.retriever.init_args.{key}", f"data.{key}")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -139,25 +140,27 @@ class VTRCLI(LightningCLI):
             loaded = yaml.safe_load(Path(path.absolute).read_text())
             data = loaded.get("data") if isinstance(loaded, dict) else None
             for key in MODEL_SETTINGS:
-                model_value = config.model.init_args.get(key)
+                model_value = config.model.retriever.init_args.get(key)
                 if isinstance(data, dict) and key in data and data[key] != model_value:
-                    self._error(f"{path}: data.{key}={data[key]!r} contradicts model.init_args.{key}={model_value!r}; "
-                                f"data.{key} is the model's (linked): set model.init_args.{key} only")
+                    self._error(f"{path}: data.{key}={data[key]!r} contradicts model.retriever.init_args.{key}="
+                                f"{model_value!r}; data.{key} is the model's (linked): set "
+                                f"model.retriever.init_args.{key} only")
 
     def _link_eval_frames(self, config) -> None:
         """A method with its own ``eval_num_frames`` (Prompt Switch) sets the data's; every
         frame count must split into ``data.frame_segments``."""
-        model_frames = config.model.init_args.get("eval_num_frames")
+        retriever = config.model.retriever.init_args
+        model_frames = retriever.get("eval_num_frames")
         eval_option = "data.eval_num_frames"
         if model_frames is not None:
-            eval_option = "model.init_args.eval_num_frames"
+            eval_option = "model.retriever.init_args.eval_num_frames"
             if config.data.eval_num_frames is None:
                 config.data.eval_num_frames = model_frames
             elif config.data.eval_num_frames != model_frames:
                 self._error(f"data.eval_num_frames={config.data.eval_num_frames} contradicts "
-                            f"model.init_args.eval_num_frames={model_frames}; set model.init_args.eval_num_frames only")
+                            f"{eval_option}={model_frames}; set {eval_option} only")
         segments = config.data.frame_segments
-        for option, frames in (("model.init_args.num_frames", config.model.init_args.num_frames),
+        for option, frames in (("model.retriever.init_args.num_frames", retriever.num_frames),
                                (eval_option, config.data.eval_num_frames)):
             if segments and frames and frames % segments:
                 self._error(f"{option}={frames} is not a multiple of data.frame_segments={segments}")
@@ -165,7 +168,7 @@ class VTRCLI(LightningCLI):
     def _check_eval_frames(self) -> None:
         """Run the method's own shape checks on ``data.eval_num_frames`` before any step, so a
         refusal names the data option (X-CLIP's mixing matrices fix the frame count)."""
-        frames, model = self.datamodule.eval_num_frames, self.model
+        frames, model = self.datamodule.eval_num_frames, self.model.retriever
         if frames == model.num_frames:
             return
         size = model.clip.image_size
@@ -176,7 +179,7 @@ class VTRCLI(LightningCLI):
                 model.encode_video(torch.zeros(1, frames, 3, size, size), torch.ones(1, frames, dtype=torch.bool))
         except ValueError as error:
             self._error(f"data.eval_num_frames={frames} does not fit {type(model).__name__} "
-                        f"(model.init_args.num_frames={model.num_frames}): {error}")
+                        f"(model.retriever.init_args.num_frames={model.num_frames}): {error}")
         finally:
             model.train(was_training)
 
@@ -254,7 +257,6 @@ def lightning_main(args: list[str] | None = None) -> VTRCLI:
     return VTRCLI(
         RetrievalModule,
         VideoTextDataModule,
-        subclass_mode_model=True,
         seed_everything_default=0,
         save_config_callback=RunConfig,
         parser_kwargs={"prog": "vtr", "description": DESCRIPTION, "epilog": TOOLS_HELP, "formatter_class": _Help},

@@ -1,16 +1,33 @@
 """Containers for what ``encode_video`` and ``encode_text`` return.
 
-A method stores whatever tensors its ``score`` needs, under names of its choosing, all with the
-same leading dimension (videos for :class:`VideoFeatures`, queries for :class:`TextFeatures`).
-Because every field shares that leading dimension, the framework can slice a gallery into
-chunks, concatenate batches, gather across ranks and tile galleries without knowing the method.
+A method stores the tensors its ``score`` needs, all with the same leading dimension (videos
+for :class:`VideoFeatures`, queries for :class:`TextFeatures`). Because every field shares that
+leading dimension, the framework can slice a gallery into chunks, concatenate batches, gather
+across ranks and tile galleries without knowing the method.
 
-Conventions used by the framework:
+A field name means one thing in every method (D: the joint embedding width, T frames, L tokens):
 
-- fusion-free methods (``offline = True``) store ``VideoFeatures(embedding=[N, D])`` and
-  ``TextFeatures(sentence=[Q, D])`` and score by their dot product;
-- ``TextFeatures`` usually also carries ``words [Q, L, D]`` and ``word_mask [Q, L]`` where a
-  method needs token features.
+============  =====  ==========  =================================================================
+field         side   shape       meaning
+============  =====  ==========  =================================================================
+embedding     both   [n, D']     one text-independent vector per video / per query, the vectors a
+                                 fusion-free score takes the dot product of (``Retriever.score``:
+                                 ``σ ⟨text.embedding, video.embedding⟩``). Unit-norm, except
+                                 CLIP2Video's ``[√w glob, √(1-w) tab]`` mix (D' = 2D). X-CLIP's
+                                 video-level feature v̂ (text-conditioned, but a vector per video).
+frames        video  [N, T, D]   per-frame features of the video (their normalisation: the method's
+                                 docstring)
+frame_mask    video  [N, T]      bool, True for real frames, False for padding
+sentence      text   [Q, D]      the unit-norm EOT (sentence) feature ŝ of a text-conditioned method
+eot           text   [Q, D]      the raw, un-normalised EOT feature s (tightTransf's cross input)
+words         text   [Q, L, D]   per-token features (normalisation: the method's docstring)
+word_mask     text   [Q, L]      bool, True for tokens that are not padding
+============  =====  ==========  =================================================================
+
+Any other field is a method's own cache, named and documented in its file (X-CLIP's
+``sentence_global`` and ``frame_operand``, GLCCL's ``gram``, X-Pool's ``frame_keys`` /
+``frame_values`` and the ``frame_g`` / ``frame_forms`` that ``prepare_gallery`` leaves).
+Two-stage retrieval prefixes each part's fields with ``recall.`` / ``rerank.``.
 """
 
 from __future__ import annotations

@@ -66,20 +66,29 @@ class RetrievalMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_videos: int, **kwargs) -> None:
+    def __init__(self, num_videos: int, video_partner: Tensor | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if num_videos < 1:
             raise ValueError("num_videos must be >= 1")
+        if video_partner is not None and video_partner.shape != (num_videos,):
+            raise ValueError(f"video_partner has shape {tuple(video_partner.shape)}, expected ({num_videos},)")
         self.num_videos = num_videos
         self.add_state("t2v_ranks", default=[], dist_reduce_fx="cat")
         self.add_state("group_max", default=torch.full((num_videos, num_videos), -torch.inf), dist_reduce_fx="max")
+        # the synthetic benchmark's view (pair_metrics): each query's kind and, for temporal
+        # captions with a partner, whether it scored its own clip strictly above the partner
+        self.add_state("query_kind", default=[], dist_reduce_fx="cat")
+        self.add_state("pair_wins", default=[], dist_reduce_fx="cat")
+        self.video_partner = video_partner
 
-    def update(self, similarity: Tensor, query_video: Tensor) -> None:
+    def update(self, similarity: Tensor, query_video: Tensor, query_kind: Tensor | None = None) -> None:
         """Add rows of the similarity.
 
         Args:
             similarity: ``[q, N]`` scores of q captions against all N videos.
             query_video: ``[q]`` index of each caption's video.
+            query_kind: ``[q]`` 0 for static captions, 1 for temporal ones (the synthetic
+                benchmark; with ``video_partner``, adds its view to :meth:`compute`).
         """
         if similarity.shape[1] != self.num_videos:
             raise ValueError(f"similarity has {similarity.shape[1]} columns, expected num_videos={self.num_videos}")
@@ -87,6 +96,16 @@ class RetrievalMetrics(Metric):
         self.t2v_ranks.append(positive_ranks(similarity, query_video))
         index = query_video.long()[:, None].expand_as(similarity)
         self.group_max.scatter_reduce_(0, index, similarity, "amax")
+        if query_kind is None:
+            return
+        if self.video_partner is None:
+            raise ValueError("query_kind needs the metric's video_partner (the pair partner of every video)")
+        partner = self.video_partner.to(query_video.device)[query_video]
+        rows = torch.arange(len(query_video), device=similarity.device)
+        own, other = similarity[rows, query_video], similarity[rows, partner.clamp(min=0)]
+        paired = (query_kind == 1) & (partner >= 0)
+        self.query_kind.append(query_kind.long())
+        self.pair_wins.append(own[paired] > other[paired])
 
     def compute(self) -> dict[str, float]:
         ranks = self.t2v_ranks if isinstance(self.t2v_ranks, Tensor) else torch.cat(self.t2v_ranks)
@@ -96,7 +115,22 @@ class RetrievalMetrics(Metric):
         # video j queries the groups: column j of group_max holds every group's best score for j
         best = self.group_max.diagonal()
         v2t = (self.group_max >= best[None, :]).sum(dim=0, dtype=torch.int32).long()
-        return {**summarize_ranks(ranks, "t2v"), **summarize_ranks(v2t, "v2t")}
+        return {**summarize_ranks(ranks, "t2v"), **summarize_ranks(v2t, "v2t"), **self._pair_view(ranks)}
+
+    def _pair_view(self, ranks: Tensor) -> dict[str, float]:
+        """``static/R@1``, ``temporal/R@1`` and ``temporal/pair_acc`` (see :func:`pair_metrics`)."""
+        kinds, wins = (state if isinstance(state, Tensor) else torch.cat(state) if state else None
+                       for state in (self.query_kind, self.pair_wins))
+        if kinds is None:
+            return {}
+        out = {}
+        for kind, name in ((0, "static"), (1, "temporal")):
+            selected = ranks[kinds == kind]
+            if len(selected):
+                out[f"{name}/R@1"] = 100.0 * (selected <= 1).double().mean().item()
+        if len(wins):
+            out["temporal/pair_acc"] = 100.0 * wins.double().mean().item()
+        return out
 
 
 def retrieval_metrics(similarity: Tensor, query_video: Tensor, chunk_size: int = 4096) -> dict[str, float]:
@@ -127,16 +161,7 @@ def pair_metrics(similarity: Tensor, caption_video: Tensor, caption_kind: Tensor
         temporal captions scoring their own clip strictly above its partner (ties lose; an
         order-blind model sits at 50).
     """
-    ranks = positive_ranks(similarity, caption_video)
-    partner = video_partner[caption_video]
-    rows = torch.arange(len(caption_video), device=similarity.device)
-    own, other = similarity[rows, caption_video], similarity[rows, partner.clamp(min=0)]
-    paired = (caption_kind == 1) & (partner >= 0)
-    out = {}
-    for kind, name in ((0, "static"), (1, "temporal")):
-        selected = ranks[caption_kind == kind]
-        if len(selected):
-            out[f"{name}/R@1"] = 100.0 * (selected <= 1).double().mean().item()
-    if paired.any():
-        out["temporal/pair_acc"] = 100.0 * (own[paired] > other[paired]).double().mean().item()
-    return out
+    metric = RetrievalMetrics(similarity.shape[1], video_partner=video_partner, sync_on_compute=False)
+    metric = metric.to(similarity.device)
+    metric.update(similarity, caption_video, caption_kind)
+    return metric._pair_view(torch.cat(metric.t2v_ranks))

@@ -137,15 +137,16 @@ class Postprocess(Callback):
         """The labelled post-processed metrics of one evaluation (test only; {} otherwise)."""
         if stage != "test" or not (self.dsl or self.qb_norm):
             return {}
-        similarity = module.similarity(text, video)
+        retriever = module.retriever
+        similarity = retriever.similarity(text, video)
         rows: dict[str, float] = {}
         if self.dsl:
             log.info("DSL: re-scoring with a prior over all %d test queries at once", len(similarity))
             dsl = dual_softmax(similarity, self.dsl_temperature)
             rows.update(_labelled(retrieval_metrics(dsl, caption_video), "DSL", ("t2v", "v2t")))
         if self.qb_norm:
-            bank = module.similarity(self._encode_querybank(module), video)
-            beta = self.qb_beta if self.qb_beta is not None else 20.0 / float(module.logit_scale())
+            bank = retriever.similarity(self._encode_querybank(module), video)
+            beta = self.qb_beta if self.qb_beta is not None else 20.0 / float(retriever.logit_scale())
             normalized = querybank_normalize(similarity, bank, beta=beta, k=self.qb_k)
             rows.update(_labelled(retrieval_metrics(normalized, caption_video), "QB", ("t2v",)))
         return rows
@@ -161,6 +162,7 @@ class Postprocess(Callback):
         if len(captions) > self.querybank_size:
             captions = random.Random(self.seed).sample(captions, self.querybank_size)
         log.info("QB-Norm: querybank of %d training captions against the test gallery", len(captions))
-        chunks = [captions[i:i + module.eval_chunk_size] for i in range(0, len(captions), module.eval_chunk_size)]
-        features = [module.encode_text(data.tokenizer(chunk).to(module.device)) for chunk in chunks]
+        size = module.retriever.eval_chunk_size
+        chunks = [captions[i:i + size] for i in range(0, len(captions), size)]
+        features = [module.retriever.encode_text(data.tokenizer(chunk).to(module.device)) for chunk in chunks]
         return type(features[0]).cat(features)

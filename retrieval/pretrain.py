@@ -13,7 +13,7 @@ CPU in a few minutes) under ``$VTR_CACHE/backbones`` with a manifest of the para
 built with; a cache entry with other parameters is never reused or overwritten.
 
 ``vtr pretrain`` prints the path of the default one (building it first if needed), for
-``vtr fit ... --model.init_args.pretrained "$(vtr pretrain)"``.
+``vtr fit ... --model.retriever.init_args.pretrained "$(vtr pretrain)"``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from retrieval.data.datamodule import default_cache_dir
 from retrieval.data.synthetic import still_frames
 from retrieval.data.transforms import ClipTransform, backbone_image_size
 from retrieval.losses import symmetric_infonce
-from retrieval.module import warmup_cosine
+from retrieval.training import warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -38,26 +38,26 @@ Differences from the official code, on purpose:
   EOT on (the EOT input and all padding, whatever its id), which is the official mask on
   official inputs; a genuine token 0 ("!") inside a caption is kept.
 - the captioner masks padded frames in its memory (the official code never pads frames).
-- in-batch duplicate videos (``drop_duplicate_videos``) are dropped from the training batch
-  before encoding, as the official ``collate_fn`` does; this is single-process only (as is the
-  official code): under DDP the ranks' batches would differ in size.
+- in-batch duplicate videos are dropped from the training batch before encoding, as the
+  official ``collate_fn`` does: a data option (``data.drop_duplicate_videos``, which the recipe
+  sets), single-process only (as is the official code): under DDP the ranks' batches would
+  differ in size.
 
 Quirks of the official code kept as the default, each with a switch:
 
 - the aggregation attention is named ``clip.vision_model.attn``, so the official name filter
   trains it at the CLIP learning rate (1e-6, not 1e-5). ``aggregation_in_clip_group=True``
-  reproduces this (:meth:`PromptSwitch.clip_lr_parameters` adds it to the CLIP lr group; it is
+  reproduces this (:meth:`PromptSwitch.param_groups` adds it to the CLIP lr group; it is
   still a new parameter, counted by ``new_parameters``); ``False`` trains it at the new-module lr.
 - weight decay 0.2 on every parameter (``optim.decay_all``), the prompt cube included.
 
 Third-party slides report batch 128, lr 3e-5 and a N(0, 0.02) cube init; the code's values
-(batch 32, lr 1e-6 / 1e-5, std W^-0.5 × 0.02) are the defaults here.
+(batch 32, lr 1e-6 / 1e-5, std W^-0.5 × 0.02) are the defaults here and in
+``experiments/model/prompt_switch.yaml`` (HF AdamW: betas (0.9, 0.999), eps 1e-6).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +67,8 @@ from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import OptimConfig, RetrievalModule
+from retrieval.retriever import Retriever
 from retrieval.temporal import mean_pool_normalized
-
-PROMPT_SWITCH_OPTIM = OptimConfig(
-    lr=1e-5, clip_lr=1e-6, weight_decay=0.2, decay_all=True, betas=(0.9, 0.999), eps=1e-6, warmup_ratio=0.1
-)
-"""Official recipe: HF AdamW (its defaults betas (0.9, 0.999), eps 1e-6), wd 0.2 on all parameters."""
 
 FREQUENT_WORDS = ("in", "on", "of", "to", "about", "this", "that", "a", "an", "the", "and", "there", "here", "is",
                   "are", ".", ",")
@@ -251,7 +246,7 @@ class Captioner(nn.Module):
 
 
 # ---------------------------------------------------------------------- the retriever
-class PromptSwitch(RetrievalModule):
+class PromptSwitch(Retriever):
     """Prompt Switch: Prompt Cube in the CLIP vision tower, prompt aggregation, mean pooling.
 
     Args:
@@ -265,21 +260,15 @@ class PromptSwitch(RetrievalModule):
         caption_loss_weight: weight of the caption loss (official ``caption_loss_mult``: 0.5).
         aggregation_in_clip_group: train the aggregation attention at the CLIP lr, as the
             official name filter does (see the module docstring).
-        drop_duplicate_videos: keep one pair per video in each training batch, as the official
-            ``collate_fn`` does (single process only).
+        shared: ``backbone``, ``pretrained``, ``quick_gelu``, ``max_words``
+            (:class:`~retrieval.retriever.Retriever`).
     """
 
-    offline = True
+    fusion_free = True
 
     def __init__(
         self,
-        backbone: str = "vtr-tiny",
-        pretrained: str | None = None,
-        quick_gelu: bool | None = None,
         num_frames: int = 6,
-        max_words: int = 32,
-        optim: OptimConfig = PROMPT_SWITCH_OPTIM,
-        eval_chunk_size: int = 1024,
         eval_num_frames: int = 12,
         num_prompts: int = 6,
         use_captioner: bool = True,
@@ -287,7 +276,7 @@ class PromptSwitch(RetrievalModule):
         frequent_word_weight: float = 0.25,
         caption_loss_weight: float = 0.5,
         aggregation_in_clip_group: bool = True,
-        drop_duplicate_videos: bool = True,
+        **shared,
     ) -> None:
         if num_prompts < 1 or num_frames % num_prompts:
             raise ValueError(
@@ -296,27 +285,31 @@ class PromptSwitch(RetrievalModule):
         if eval_num_frames % num_frames:
             raise ValueError(f"eval_num_frames={eval_num_frames} must be a multiple of num_frames={num_frames}: the "
                              "aggregation groups frames by the training count, as the official code does")
-        super().__init__(backbone, pretrained, num_frames, max_words, optim, eval_chunk_size, quick_gelu)
+        super().__init__(num_frames=num_frames, **shared)
         self.eval_num_frames = eval_num_frames
         self.num_prompts = num_prompts
         self.caption_loss_weight = caption_loss_weight
         self.aggregation_in_clip_group = aggregation_in_clip_group
-        self.drop_duplicate_videos = drop_duplicate_videos
         self.prompt_cube = PromptCube(num_prompts, self.clip.vision_width)
         self.prompt_aggregation = PromptAggregation(
             self.clip.vision_width, self.clip.vision_blocks[0].attn.num_heads, num_frames
         )
         self.captioner = Captioner(self.clip, num_captioner_layers, frequent_word_weight) if use_captioner else None
 
-    def clip_lr_parameters(self) -> Iterator[nn.Parameter]:
-        """CLIP's parameters, then the aggregation's where the official name filter puts them."""
-        clip = super().clip_lr_parameters()
-        return itertools.chain(clip, self.prompt_aggregation.parameters()) if self.aggregation_in_clip_group else clip
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """CLIP's parameters and, where the official name filter puts them, the aggregation's
+        at the CLIP lr; the rest at the new-module lr."""
+        groups = super().param_groups()
+        if self.aggregation_in_clip_group:
+            moved = {id(p) for p in self.prompt_aggregation.parameters()}
+            groups = {"clip": [*groups["clip"], *(p for p in groups["new"] if id(p) in moved)],
+                      "new": [p for p in groups["new"] if id(p) not in moved]}
+        return groups
 
     # ------------------------------------------------------------------ text
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         sentence, _ = self.clip.encode_text(tokens)  # [Q, D]
-        return TextFeatures(sentence=F.normalize(sentence, dim=-1))
+        return TextFeatures(embedding=F.normalize(sentence, dim=-1))
 
     # ------------------------------------------------------------------ video
     def prompted_tokens(self, frames: Tensor) -> Tensor:
@@ -352,16 +345,21 @@ class PromptSwitch(RetrievalModule):
         return rearrange(self.clip.project_cls(cls), "(b t) d -> b t d", b=frames.shape[0])
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
-        """Mean of the normalised frames; in training also the frames the captioner reads."""
+        """Mean of the normalised frames; with the captioner also the frames it reads."""
         self.check_frames(frames, frame_mask)
         x = self.frame_features(frames)  # [B, T, D]
         embedding = mean_pool_normalized(x, frame_mask)  # [B, D]
-        if self.training and self.captioner is not None:
+        if self.captioner is not None:
             return VideoFeatures(embedding=embedding, frames=x)
         return VideoFeatures(embedding=embedding)
 
+    def prepare_gallery(self, video: VideoFeatures) -> VideoFeatures:
+        """The embedding only: the captioner's frames are training's."""
+        return VideoFeatures(embedding=video.embedding)
+
     # ------------------------------------------------------------------ training
-    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+    def auxiliary_losses(self, batch: dict[str, Tensor], text: TextFeatures, video: VideoFeatures,
+                         logits: dict[str, Tensor]) -> dict[str, Tensor]:
         """The weighted caption loss, predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
         if self.captioner is None:
             return {}
@@ -373,22 +371,3 @@ class PromptSwitch(RetrievalModule):
         logits = self.captioner(embeds, video.frames, batch["frame_mask"], keep)  # [K, V]
         loss = F.cross_entropy(logits, targets, weight=self.captioner.class_weight)  # weighted mean
         return {"caption": self.caption_loss_weight * loss}
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.drop_duplicate_videos:
-            batch = first_pair_per_video(batch)
-        return super().training_step(batch, batch_idx)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.drop_duplicate_videos and self.trainer.world_size > 1:
-            raise ValueError(
-                "drop_duplicate_videos=True reproduces the official single-GPU collate and would give ranks "
-                "batches of different sizes; set drop_duplicate_videos=False under DDP"
-            )
-
-
-def first_pair_per_video(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without pairs whose video already appeared earlier in it (official collate)."""
-    index = batch["video_index"]
-    seen_before = (index[:, None] == index[None, :]).tril(diagonal=-1).any(dim=1)  # [B]
-    return {key: value[~seen_before] for key, value in batch.items()}

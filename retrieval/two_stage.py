@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from retrieval.features import Features, TextFeatures, VideoFeatures
 from retrieval.metrics import retrieval_metrics
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 
 RECALL, RERANK = "recall.", "rerank."
 
@@ -70,30 +70,33 @@ def combine(recall: Tensor, top: Tensor, kth: Tensor, rerank: Tensor) -> Tensor:
     return recall.scatter_(1, top, rerank)
 
 
-class TwoStage(nn.Module):
+class TwoStage(Retriever):
     """Fusion-free recall of the top ``k``, text-conditioned re-rank of those ``k``.
 
     Args:
-        recaller: a fusion-free method (``offline = True``).
-        reranker: any method (normally text-conditioned).
+        recaller: a fusion-free retriever.
+        reranker: any retriever (normally text-conditioned).
         k: videos re-ranked per query (clamped at the gallery size).
         spec: the plain data that rebuilds this retriever (``{recaller, reranker, k}``, each part
-            ``{class_path, init_args, ckpt}``): kept as ``hparams`` for indexes and fingerprints.
+            ``{class_path, init_args, ckpt}``, ``retrieval.recipes.build_two_stage``): its
+            :attr:`config`, for indexes and fingerprints.
+
+    It has no backbone of its own, so it skips ``Retriever.__init__`` (the backbone's) and
+    reads the shapes from its parts; ``vtr fit`` does not train it (train each part).
     """
 
-    offline = False
+    fusion_free = False
 
-    def __init__(self, recaller: RetrievalModule, reranker: RetrievalModule, k: int,
-                 spec: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        if not recaller.offline:
+    def __init__(self, recaller: Retriever, reranker: Retriever, k: int, spec: dict[str, Any] | None = None) -> None:
+        nn.Module.__init__(self)  # no backbone of its own (see above)
+        if not recaller.fusion_free:
             raise ValueError(f"the recaller must be fusion-free (offline); {type(recaller).__name__} is text-conditioned")
         if recaller.clip.image_size != reranker.clip.image_size:
             raise ValueError(f"the recaller's frames are {recaller.clip.image_size}px, the re-ranker's "
                              f"{reranker.clip.image_size}px: both must see the same frames")
         self.recaller, self.reranker = recaller, reranker
+        self.spec = dict(spec or {})
         self.k = k
-        self.hparams = {**(spec or {}), "k": k}
 
     @property
     def k(self) -> int:
@@ -104,8 +107,12 @@ class TwoStage(nn.Module):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (videos re-ranked per query) must be an int >= 1, got {k!r}")
         self._k = k
-        if hasattr(self, "hparams"):
-            self.hparams["k"] = k
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``{class_path, init_args: {recaller, reranker, k}}``: what rebuilds this pair."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {**self.spec, "k": self.k}}
 
     # what the tools read of a method: tokenizer, frame size and count, chunking
     @property
@@ -125,9 +132,16 @@ class TwoStage(nn.Module):
     def eval_chunk_size(self) -> int:
         return self.reranker.eval_chunk_size
 
+    def logit_scale(self) -> Tensor:
+        return self.reranker.logit_scale()
+
     # ------------------------------------------------------------------ the three stages
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         return join(self.recaller.encode_video(frames, frame_mask), self.reranker.encode_video(frames, frame_mask))
+
+    def prepare_gallery(self, video: VideoFeatures) -> VideoFeatures:
+        recall, rerank = split(video)
+        return join(self.recaller.prepare_gallery(recall), self.reranker.prepare_gallery(rerank))
 
     def encode_text(self, tokens: Tensor) -> TextFeatures:
         """Both towers' features of ``[Q, L]`` tokens, zero-padded (open_clip's pad id) to each one's length."""
@@ -142,7 +156,7 @@ class TwoStage(nn.Module):
 
     def score_gallery(self, text: TextFeatures, video: VideoFeatures, chunk_size: int | None = None) -> Tensor:
         """Recall over the whole gallery, re-rank each query's top k (``chunk_size``: the
-        re-ranker's gallery chunk, as in ``RetrievalModule.score_gallery``)."""
+        re-ranker's gallery chunk, as in ``Retriever.score_gallery``)."""
         recall_text, rerank_text = split(text)
         recall_video, rerank_video = split(video)
         if self.k >= len(video):  # every video re-ranked: the re-ranker itself
@@ -157,7 +171,7 @@ class TwoStage(nn.Module):
 
     @torch.no_grad()
     def similarity(self, text: TextFeatures, video: VideoFeatures, chunk_size: int | None = None) -> Tensor:
-        """The full ``[Q, N]`` two-stage score matrix, in query chunks."""
+        """The full ``[Q, N]`` two-stage score matrix, in query chunks (the re-ranker's own gallery chunks)."""
         chunk = chunk_size or self.eval_chunk_size
         return torch.cat([self.score_gallery(part, video) for _, part in text.chunks(chunk)])
 

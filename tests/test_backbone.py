@@ -11,7 +11,7 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from retrieval.backbone import CLIPBackbone, weights_quick_gelu
-from retrieval.bench import build_method, read_recipe
+from retrieval.recipes import build_retriever, read_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "model").glob("*.yaml"))
 
@@ -149,7 +149,7 @@ def test_every_recipe_runs_the_activation_of_its_weights(recipe, no_download):
     assert (init_args["backbone"], init_args["pretrained"]) == ("ViT-B-32", "openai")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*QuickGELU mismatch")  # open_clip's warning must not fire
-        model = build_method(read_recipe(recipe)["model"])
+        model = build_retriever(read_recipe(recipe)["model"])
     assert no_download == ["stub:timm/vit_base_patch32_clip_224.openai/"]  # the tag's weights were loaded
     acts = activations(model)
     heads = [name for name in acts if not name.startswith("clip.")]
@@ -164,9 +164,9 @@ def test_a_rebuild_without_the_weights_keeps_their_activation(tmp_path):
     over it: the activation must still be the one OpenAI's weights were trained with, and a
     checkpoint's hyperparameters carry the activation built."""
     recipe = read_recipe(RECIPES[0])["model"]
-    model = build_method(recipe, {"pretrained": None, "num_frames": 2, "max_words": 8})
+    model = build_retriever(recipe, {"pretrained": None, "num_frames": 2, "max_words": 8})
     assert model.clip.quick_gelu and set(activations(model).values()) == {QuickGELU}
     assert model.hparams["quick_gelu"] is True
     # another backbone, or an explicit activation, is the user's choice and is kept
-    assert not build_method(recipe, {"backbone": "vtr-micro", "pretrained": None}).clip.quick_gelu
-    assert not build_method(recipe, {"pretrained": None, "quick_gelu": False}).clip.quick_gelu
+    assert not build_retriever(recipe, {"backbone": "vtr-micro", "pretrained": None}).clip.quick_gelu
+    assert not build_retriever(recipe, {"pretrained": None, "quick_gelu": False}).clip.quick_gelu

@@ -10,7 +10,8 @@ from torch import Tensor
 
 import retrieval
 from baselines.clip4clip import MeanPool
-from retrieval.bench import build_method, read_recipe, sweep, tokenize
+from retrieval.recipes import build_retriever, read_recipe, tokenize
+from retrieval.tools import sweep
 from retrieval.bench import floors
 from retrieval.bench.floors import scorer_floor
 from retrieval.bench.gallery import gallery_from
@@ -43,7 +44,7 @@ class FrameMaxScorer(MeanPool):
 
 @pytest.fixture(scope="module")
 def model():
-    return build_method(read_recipe(MEANPOOL)["model"], MICRO)
+    return build_retriever(read_recipe(MEANPOOL)["model"], MICRO)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_fusion_free_floor_counts_exactly_d_macs_per_pair(model, features):
 
 
 def test_text_conditioned_floor_counts_einsum_macs():
-    scorer = build_method({"class_path": f"{__name__}.FrameMaxScorer", "init_args": MICRO})
+    scorer = build_retriever({"class_path": f"{__name__}.FrameMaxScorer", "init_args": MICRO})
     video = scorer.encode_video(torch.randn(3, T, 3, 32, 32), torch.ones(3, T, dtype=torch.bool))
     floor = scorer_floor(scorer, scorer.encode_text(tokenize(scorer, CAPTIONS[:1])), video)
     assert floor.macs_per_pair == T * scorer.clip.embed_dim

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from retrieval.bench import build_method, read_checkpoint, read_recipe
+from retrieval.recipes import build_retriever, read_checkpoint, read_recipe
 from retrieval.cli import VTRCLI, lightning_main, main
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.module import RetrievalModule
@@ -28,9 +28,9 @@ FUSION_FREE = {
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_builds_on_the_tiny_backbone(recipe):
-    model = build_method(read_recipe(recipe)["model"], {"backbone": "vtr-tiny", "pretrained": None})
+    model = build_retriever(read_recipe(recipe)["model"], {"backbone": "vtr-tiny", "pretrained": None})
     assert isinstance(model, RetrievalModule)
-    assert type(model).offline is FUSION_FREE[recipe.stem]
+    assert model.fusion_free is FUSION_FREE[recipe.stem]
 
 
 def test_fit_then_test_on_generated_data(tmp_path):
@@ -52,7 +52,7 @@ def test_fit_then_test_on_generated_data(tmp_path):
     checkpoint = read_checkpoint(best[0])
     hparams = checkpoint["hyper_parameters"]
     assert hparams["optim"]["lr"] > 0 and hparams["_class_path"] == "baselines.clip4clip.SeqTransf"
-    rebuilt = build_method({"class_path": hparams["_class_path"],
+    rebuilt = build_retriever({"class_path": hparams["_class_path"],
                             "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}, ckpt=best[0])
     assert all(torch.equal(t, checkpoint["state_dict"][k]) for k, t in rebuilt.state_dict().items())
     main(["test", "--config", str(version / "config.yaml"), "--ckpt_path", str(best[0]),

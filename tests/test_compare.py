@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.bench import compare
+from retrieval.tools import compare
 from retrieval.data.datamodule import VideoTextDataModule
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "model"

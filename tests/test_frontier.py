@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.bench import build_method, compare, read_checkpoint, read_recipe
+from retrieval.recipes import build_retriever, read_checkpoint, read_recipe
+from retrieval.tools import compare
 from retrieval.bench.frontier import COLUMNS, ROW_KEY
 from retrieval.bench.frontier import test_features as encode_test_split  # (not a test)
 from retrieval.bench.latency import main as bench_main
@@ -28,7 +29,7 @@ def frontier(tmp_path_factory):
                   "--methods", RECALLER, RERANKER])
     bench_main(["bench", "frontier", "--compare-dir", str(out / "compare"), "--recallers", RECALLER,
                 "--rerankers", RERANKER, "-k", "1", "5", "1000", "--gallery", str(TILED), "--repeats", "2",
-                "--max-seconds-per-point", "1", "--recipes-dir", str(METHODS_DIR), "--out", str(out / "bench")])
+                "--max-seconds-per-point", "1", "--out", str(out / "bench")])
     mp.undo()
     (path,) = (out / "bench").glob("frontier_*.csv")
     with open(path) as handle:
@@ -43,7 +44,7 @@ def by_hand(out: Path, method: str) -> dict[str, float]:
     """R@1, R@5 (%) of the checkpoint's similarity on its test split, ranks counted by hand."""
     payload = read_checkpoint(out / "compare" / method / "checkpoints" / "best.ckpt")
     recipe = read_recipe(METHODS_DIR / f"{method}.yaml")["model"]
-    model = build_method({**recipe, "init_args": {**recipe["init_args"], **payload["hyper_parameters"]}},
+    model = build_retriever({**recipe, "init_args": {**recipe["init_args"], **payload["hyper_parameters"]}},
                          {"pretrained": None}, out / "compare" / method / "checkpoints" / "best.ckpt")
     text, video, caption_video, _ = encode_test_split(model, payload["datamodule_hyper_parameters"])
     with torch.no_grad():

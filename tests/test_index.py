@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from retrieval.bench import build_method, load_weights, model_fingerprint, tokenize
-from retrieval.bench.index import build_index, load_index, load_indexed_method, main, search
+from retrieval.recipes import build_retriever, load_weights, model_fingerprint, tokenize
+from retrieval.tools.index import build_index, load_index, load_indexed_method, main, search
 from retrieval.features import VideoFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_search_ranks_the_whole_gallery_with_the_methods_score(meanpool_index):
 
 
 def test_search_refuses_other_weights(meanpool_index, tmp_path):
-    other = build_method({"class_path": "baselines.clip4clip.MeanPool", "init_args": MICRO}, seed=1)
+    other = build_retriever({"class_path": "baselines.clip4clip.MeanPool", "init_args": MICRO}, seed=1)
     ckpt = tmp_path / "other.ckpt"
     torch.save({"state_dict": other.state_dict()}, ckpt)
     with pytest.raises(ValueError, match="does not hold the weights"):
@@ -102,7 +102,7 @@ def test_faiss_matches_torch(meanpool_index):
 
 # ---------------------------------------------------------------------- the fingerprint
 def _micro_meanpool(seed: int = 0):
-    return build_method({"class_path": "baselines.clip4clip.MeanPool", "init_args": MICRO}, seed=seed)
+    return build_retriever({"class_path": "baselines.clip4clip.MeanPool", "init_args": MICRO}, seed=seed)
 
 
 def test_fingerprint_changes_with_every_single_state_dict_tensor():
@@ -137,7 +137,7 @@ def test_fingerprint_sees_weights_whose_sum_is_unchanged():
 
 
 def test_fingerprint_covers_the_recipe():
-    same_weights = build_method({"class_path": "baselines.clip4clip.MeanPool",
+    same_weights = build_retriever({"class_path": "baselines.clip4clip.MeanPool",
                                  "init_args": {**MICRO, "eval_chunk_size": 7}}, seed=0)
     assert same_weights.state_dict().keys() == _micro_meanpool().state_dict().keys()
     assert model_fingerprint(same_weights) != model_fingerprint(_micro_meanpool())
@@ -232,7 +232,7 @@ def test_an_interrupted_index_leaves_the_old_one_whole(meanpool_index, data, mon
         Path(filename).write_bytes(b"half an ind")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("retrieval.bench.index.save_file", interrupted)
+    monkeypatch.setattr("retrieval.tools.index.save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(MEANPOOL, meanpool_index, data=data, overrides=MICRO, overwrite=True)
     assert meanpool_index.read_bytes() == before

@@ -127,7 +127,7 @@ def test_padded_frames_do_not_change_meanpool():
 @pytest.mark.parametrize("cls", [MeanPool, SeqTransf])
 def test_fusion_free_score_is_a_scaled_dot_product(cls):
     model = cls(num_frames=4).eval()
-    assert cls.offline
+    assert cls.fusion_free
     frames, mask = _video()
     tokens = torch.randint(1, 49000, (5, 32))
     with torch.no_grad():

@@ -12,7 +12,7 @@ import yaml
 from fakes import FakeVideoText
 from jsonargparse import ArgumentParser
 
-from retrieval.bench import read_recipe
+from retrieval.recipes import read_recipe
 from retrieval.module import RetrievalModule
 from retrieval.prompt_switch import (
     PROMPT_SWITCH_OPTIM,

@@ -38,7 +38,7 @@ def test_score_is_not_a_dot_product(micro):
     frames, mask, tokens = _inputs(n_videos=d + 16, n_texts=d + 16, seed=1)
     with torch.no_grad():
         scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
-    assert micro.offline is False
+    assert micro.fusion_free is False
     assert torch.linalg.matrix_rank(scores).item() > d
 
 

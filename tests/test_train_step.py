@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from retrieval.bench import build_method, model_fingerprint, read_recipe
+from retrieval.recipes import build_retriever, model_fingerprint, read_recipe
 from retrieval.bench.latency import main as bench_main
 from retrieval.bench.train_step import COLUMNS, count_flops, make_step, random_batch
 
@@ -20,7 +20,7 @@ MICRO = {"backbone": "vtr-micro", "pretrained": None}
 
 
 def micro(method: str = "meanpool"):
-    return build_method(read_recipe(ROOT / f"experiments/model/{method}.yaml")["model"], MICRO)
+    return build_retriever(read_recipe(ROOT / f"experiments/model/{method}.yaml")["model"], MICRO)
 
 
 def test_a_linear_steps_flops_are_three_forwards():

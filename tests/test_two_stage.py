@@ -9,8 +9,8 @@ import torch
 import yaml
 from fakes import random_tokens, random_videos
 
-from retrieval.bench import build_method, model_config, model_fingerprint, read_recipe
-from retrieval.bench.index import build_index, load_index, load_indexed_method, search
+from retrieval.recipes import build_retriever, model_config, model_fingerprint, read_recipe
+from retrieval.tools.index import build_index, load_index, load_indexed_method, search
 from retrieval.metrics import retrieval_metrics
 from retrieval.two_stage import TwoStage, combine, join, split
 
@@ -27,7 +27,7 @@ def spec(k: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pair():
-    model = build_method(spec(5), MICRO)
+    model = build_retriever(spec(5), MICRO)
     frames, mask = random_videos(N, T, model.clip.image_size, torch.Generator().manual_seed(0))
     tokens = random_tokens(Q, model.max_words, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -82,13 +82,13 @@ def test_combine_puts_the_tail_below_every_reranked_score():
 
 
 def test_refuses_a_text_conditioned_recaller_and_a_bad_k():
-    xclip = build_method(read_recipe(ROOT / "experiments/model/xclip.yaml")["model"], MICRO)
+    xclip = build_retriever(read_recipe(ROOT / "experiments/model/xclip.yaml")["model"], MICRO)
     with pytest.raises(ValueError, match="recaller must be fusion-free"):
         TwoStage(xclip, xclip, 5)
     with pytest.raises(ValueError, match="k"):
-        build_method({**spec(5), "init_args": {**spec(5)["init_args"], "k": 0}}, MICRO)
+        build_retriever({**spec(5), "init_args": {**spec(5)["init_args"], "k": 0}}, MICRO)
     with pytest.raises(ValueError, match="reranker"):
-        build_method({"class_path": "retrieval.two_stage.TwoStage", "init_args": {"k": 3, "recaller": spec(3)}}, MICRO)
+        build_retriever({"class_path": "retrieval.two_stage.TwoStage", "init_args": {"k": 3, "recaller": spec(3)}}, MICRO)
 
 
 def test_join_and_split_round_trip(pair):
@@ -106,8 +106,8 @@ def test_rebuilt_from_its_config_with_checkpoints(pair, tmp_path):
     config = spec(7)
     for part in ("recaller", "reranker"):
         config["init_args"][part]["ckpt"] = str(tmp_path / f"{part}.ckpt")
-    built = build_method(config, MICRO, seed=3)  # another seed: the weights come from the checkpoints
-    rebuilt = build_method(model_config(built))
+    built = build_retriever(config, MICRO, seed=3)  # another seed: the weights come from the checkpoints
+    rebuilt = build_retriever(model_config(built))
     assert rebuilt.k == 7 and model_fingerprint(rebuilt) == model_fingerprint(built)
     assert model_fingerprint(built.recaller) == model_fingerprint(model.recaller)
 

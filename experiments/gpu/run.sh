@@ -54,7 +54,7 @@ import torch
 if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     sys.exit(f"run.sh: torch {torch.__version__} sees no CUDA device (set VTR_GPU_DRY_RUN=1 for the CPU check)")
 try:  # the project's own imports (and what they pull in: timm, huggingface_hub for open_clip, ...)
-    import retrieval.bench.latency, retrieval.bench.compare  # noqa: F401
+    import retrieval.bench.latency, retrieval.tools.compare  # noqa: F401
 except ImportError as error:
     sys.exit(f"run.sh: importing the project failed: {error} (pip install {error.name or 'it'})")
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "

@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 from retrieval.two_stage import TwoStage, split
 
 
@@ -110,7 +110,7 @@ class Floor:
         return 1e3 * n * self.bytes_per_video / (self.bandwidth_gbs * 1e9) / batch
 
 
-def scorer_floor(model: RetrievalModule | TwoStage, text: TextFeatures,
+def scorer_floor(model: Retriever, text: TextFeatures,
                  gallery_chunk: VideoFeatures) -> Floor | TwoStageFloor:
     """Count the scorer's MACs per pair and pair them with this machine's measured rates.
 

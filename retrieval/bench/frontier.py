@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import retrieval
-from retrieval.bench import build_method, read_checkpoint, read_recipe
+from retrieval.recipes import checkpoint_recipe, retriever_from_checkpoint
 from retrieval.bench.results import DEFAULT_OUT, atomic_path, device_name, merge_rows, result_filename
 from retrieval.bench.timing import time_online
 from retrieval.data.datamodule import VideoTextDataModule
@@ -35,15 +35,13 @@ COLUMNS = ("recaller", "reranker", "k", "gallery", "batch", "device", "dtype", "
 ROW_KEY = ("recaller", "reranker", "k", "gallery", "batch", "device", "dtype", "threads")
 
 
-def load_compared(compare_dir: Path, method: str, recipes_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """A method of a ``vtr compare`` run, and its checkpoint's datamodule hyperparameters."""
+def load_compared(compare_dir: Path, method: str) -> tuple[Any, dict[str, Any]]:
+    """A method of a ``vtr compare`` run (from its checkpoint alone), and its checkpoint's
+    datamodule hyperparameters."""
     ckpt = compare_dir / method / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"--compare-dir {compare_dir}: no checkpoint {ckpt} (did `vtr compare` run {method}?)")
-    payload = read_checkpoint(ckpt)
-    recipe = read_recipe(recipes_dir / f"{method}.yaml")["model"]
-    config = {**recipe, "init_args": {**(recipe.get("init_args") or {}), **payload.get("hyper_parameters", {})}}
-    return build_method(config, {"pretrained": None}, ckpt), payload.get("datamodule_hyper_parameters") or {}
+    return retriever_from_checkpoint(ckpt), checkpoint_recipe(ckpt)["data"]
 
 
 def test_features(model, data_args: dict[str, Any], device: str | torch.device = "cpu"
@@ -56,8 +54,8 @@ def test_features(model, data_args: dict[str, Any], device: str | torch.device =
     videos, captions = data.test_dataloader()
     model.to(device).eval()
     with torch.inference_mode():
-        video = VideoFeatures.cat([model.encode_video(b["frames"].to(device), b["frame_mask"].to(device))
-                                   for b in videos])
+        video = VideoFeatures.cat([model.prepare_gallery(model.encode_video(b["frames"].to(device),
+                                                                            b["frame_mask"].to(device))) for b in videos])
         text = TextFeatures.cat([model.encode_text(b["tokens"].to(device)) for b in captions])
         caption_video = torch.cat([b["video_index"] for b in captions])
         tokens = torch.cat([b["tokens"] for b in captions]).to(device)
@@ -79,7 +77,7 @@ def frontier_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     video re-ranked. In between, the two-stage retriever with each ``-k`` below the test size
     (a k that the test split cannot tell from the re-ranker is left out, logged).
     """
-    methods = {m: load_compared(args.compare_dir, m, args.recipes_dir) for m in {*args.recallers, *args.rerankers}}
+    methods = {m: load_compared(args.compare_dir, m) for m in {*args.recallers, *args.rerankers}}
     encoded = {m: test_features(model, data, args.device) for m, (model, data) in methods.items()}
     base = {"device": device_name(torch.device(args.device)), "dtype": "fp32", "threads": torch.get_num_threads(),
             "batch": 1, "torch": torch.__version__, "vtr": retrieval.__version__}
@@ -161,7 +159,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, nargs="+", default=list(KS))
     p.add_argument("--gallery", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                    help="tiled galleries (the test gallery is always timed)")
-    p.add_argument("--recipes-dir", type=Path, default=Path("experiments/model"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-seconds-per-point", type=float, default=30.0)
     p.add_argument("--device", default="cpu")

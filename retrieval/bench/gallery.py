@@ -31,7 +31,7 @@ import retrieval
 from retrieval.bench.floors import memory_bandwidth_gbs, time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.features import VideoFeatures
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def available_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def gallery_from(model: RetrievalModule, features: VideoFeatures, n: int, headroom: float = 0.5) -> VideoFeatures:
+def gallery_from(model: Retriever, features: VideoFeatures, n: int, headroom: float = 0.5) -> VideoFeatures:
     """Tile real video features cyclically to ``n`` rows on the model's device.
 
     Args:

@@ -44,12 +44,12 @@ import torch
 from tqdm import tqdm
 
 import retrieval
-from retrieval.bench import build_method, read_recipe, tokenize
+from retrieval.recipes import build_retriever, checkpoint_recipe, read_recipe, retriever_from_checkpoint, tokenize
 from retrieval.bench.floors import scorer_floor
 from retrieval.bench.gallery import gallery_from
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, plot_latency, result_filename
 from retrieval.bench.timing import encode_videos, time_offline, time_online
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,14 @@ class BenchSettings:
     max_seconds_per_point: float = 120.0
 
 
-def eval_num_frames(recipe: dict[str, Any], model: RetrievalModule) -> int:
+def eval_num_frames(recipe: dict[str, Any], model: Retriever) -> int:
     """Frames per evaluation video: the recipe's ``data.eval_num_frames``, else its training count."""
     data = recipe.get("data") or {}
     return int(data.get("eval_num_frames") or getattr(model, "eval_num_frames", None) or data.get("num_frames")
                or model.num_frames)
 
 
-def bench_method(name: str, recipe: dict[str, Any], model: RetrievalModule, settings: BenchSettings,
+def bench_method(name: str, recipe: dict[str, Any], model: Retriever, settings: BenchSettings,
                  progress: tqdm | None = None) -> list[dict[str, Any]]:
     """Offline throughput, then online latency at every (gallery, batch) of ``settings``.
 
@@ -123,7 +123,7 @@ def bench_method(name: str, recipe: dict[str, Any], model: RetrievalModule, sett
         floor = scorer_floor(model, model.encode_text(tokens[:1]), features[: min(8, len(features))])
     base = {
         "method": name, "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
-        "fusion_free": bool(model.offline), "backbone": model.clip.name, "device": device_name(device),
+        "fusion_free": bool(model.fusion_free), "backbone": model.clip.name, "device": device_name(device),
         "dtype": settings.dtype, "threads": torch.get_num_threads(), "macs_per_pair": floor.macs_per_pair,
         "bytes_per_video": floor.bytes_per_video, "matmul_gflops": floor.matmul_gflops,
         "bandwidth_gbs": floor.bandwidth_gbs, "torch": torch.__version__, "vtr": retrieval.__version__,
@@ -193,11 +193,15 @@ def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path,
     points = len(configs) * len(settings.galleries) * len(settings.batches)
     rows: list[dict[str, Any]] = []
     with tqdm(total=points, desc="vtr bench latency", unit="point") as progress:
-        for config in configs:
-            recipe = read_recipe(config)
-            progress.set_postfix_str(config.stem)
-            model = build_method(recipe["model"], overrides, ckpt)
-            rows += bench_method(config.stem, recipe, model, settings, progress)
+        for config in configs or [None]:  # None: the checkpoint alone
+            name = config.stem if config else Path(ckpt).stem
+            progress.set_postfix_str(name)
+            if config is None:
+                recipe, model = checkpoint_recipe(ckpt), retriever_from_checkpoint(ckpt, overrides)
+            else:
+                recipe = read_recipe(config)
+                model = build_retriever(recipe["model"]["retriever"], overrides, ckpt)
+            rows += bench_method(name, recipe, model, settings, progress)
             merge_rows(csv_path, rows)  # keep what is measured if a later method fails
             del model
     all_rows = merge_rows(csv_path, rows)
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
     lat.add_argument("--pretrained", default="none",
                      help="pretrained tag/path, 'none' for random init, 'recipe' for the recipe's")
-    lat.add_argument("--ckpt", default=None, help="Lightning checkpoint (with a single --config)")
+    lat.add_argument("--ckpt", default=None, help="Lightning checkpoint (its saved retriever, or a single --config's)")
     lat.add_argument("--real-videos", type=int, default=32, help="real videos encoded, then tiled")
     lat.add_argument("--offline-batch", type=int, default=8, help="videos per encode_video call")
     lat.add_argument("--repeats", type=int, default=20)
@@ -262,10 +266,10 @@ def main(argv: Sequence[str]) -> None:
         importlib.import_module(args.tool).run(args)
         return
     configs = list(args.config) + (sorted(args.recipes_dir.glob("*.yaml")) if args.all else [])
-    if not configs:
-        raise SystemExit("vtr bench latency: give --config RECIPE.yaml (repeatable) or --all")
-    if args.ckpt and len(configs) != 1:
-        raise SystemExit("vtr bench latency: --ckpt needs exactly one --config")
+    if not configs and not args.ckpt:
+        raise SystemExit("vtr bench latency: give --config RECIPE.yaml (repeatable), --all, or --ckpt")
+    if args.ckpt and len(configs) > 1:
+        raise SystemExit("vtr bench latency: --ckpt takes one --config at most (none: the checkpoint's own)")
     overrides: dict[str, Any] = {}
     if args.backbone:
         overrides["backbone"] = args.backbone

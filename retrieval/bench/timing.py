@@ -22,7 +22,7 @@ from torch import Tensor
 from retrieval.bench.floors import synchronize
 from retrieval.bench.meters import MatmulTime, peak_memory_mb
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 
 TEXT_RUNS = 5
 """Query batches whose text encoding is timed (the scorer's repeats cycle over them)."""
@@ -34,7 +34,7 @@ def _device_of(features: VideoFeatures) -> torch.device:
 
 
 def time_online(
-    model: RetrievalModule,
+    model: Retriever,
     tokens: Tensor,
     gallery: VideoFeatures,
     batch_size: int,
@@ -138,9 +138,9 @@ def time_online(
 
 
 def time_offline(
-    model: RetrievalModule, frames: Tensor, frame_mask: Tensor, batch_size: int, repeats: int = 5, warmup: int = 1
+    model: Retriever, frames: Tensor, frame_mask: Tensor, batch_size: int, repeats: int = 5, warmup: int = 1
 ) -> dict[str, float]:
-    """Throughput of ``encode_video`` (the offline stage) on batches of ``batch_size`` videos.
+    """Throughput of the offline stage (``encode_video``, then ``prepare_gallery``) on batches of ``batch_size`` videos.
 
     Args:
         frames: ``[B, T, 3, H, W]`` on the model's device (cycled when B < ``batch_size``).
@@ -158,7 +158,7 @@ def time_offline(
         for i in range(warmup + repeats):
             synchronize(device)
             start = time.perf_counter()
-            model.encode_video(batch, mask)
+            model.prepare_gallery(model.encode_video(batch, mask))
             synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
@@ -166,9 +166,9 @@ def time_offline(
     return {"ms_per_video": 1e3 * per_video, "videos_per_s": 1.0 / per_video, "repeats": repeats}
 
 
-def encode_videos(model: RetrievalModule, frames: Tensor, frame_mask: Tensor, batch_size: int) -> VideoFeatures:
-    """``encode_video`` over ``frames`` in batches, concatenated (real gallery features)."""
+def encode_videos(model: Retriever, frames: Tensor, frame_mask: Tensor, batch_size: int) -> VideoFeatures:
+    """``encode_video`` + ``prepare_gallery`` over ``frames`` in batches, concatenated (real gallery features)."""
     with torch.inference_mode():
-        parts = [model.encode_video(frames[i : i + batch_size], frame_mask[i : i + batch_size])
+        parts = [model.prepare_gallery(model.encode_video(frames[i : i + batch_size], frame_mask[i : i + batch_size]))
                  for i in range(0, len(frames), batch_size)]
     return VideoFeatures.cat(parts)

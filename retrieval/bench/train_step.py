@@ -30,10 +30,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import retrieval
-from retrieval.bench import build_method, read_recipe, tokenize
+from retrieval.recipes import build_retriever, read_recipe, tokenize
 from retrieval.bench.floors import time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
-from retrieval.module import RetrievalModule
+from retrieval.training import RetrievalModule
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def random_batch(model: RetrievalModule, batch: int, frames: int, device: torch.
     from retrieval.bench.latency import CAPTIONS  # latency imports this package's siblings
 
     g = torch.Generator().manual_seed(seed)
-    size = model.clip.image_size
-    tokens = tokenize(model, CAPTIONS)[torch.arange(batch) % len(CAPTIONS)]
+    size = model.retriever.clip.image_size
+    tokens = tokenize(model.retriever, CAPTIONS)[torch.arange(batch) % len(CAPTIONS)]
     return {"frames": torch.randn(batch, frames, 3, size, size, generator=g).to(device),
             "frame_mask": torch.ones(batch, frames, dtype=torch.bool, device=device),
             "tokens": tokens.to(device), "video_index": torch.arange(batch, device=device),
@@ -102,7 +102,7 @@ def bench_train(name: str, model: RetrievalModule, args: argparse.Namespace, fra
     median = statistics.median(times)
     quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [median] * 9
     achieved = flops / median / 1e12
-    return {"method": name, "backbone": model.clip.name, "batch": args.batch, "num_frames": frames,
+    return {"method": name, "backbone": model.retriever.clip.name, "batch": args.batch, "num_frames": frames,
             "device": device_name(device), "precision": args.precision, "threads": torch.get_num_threads(),
             "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * quantiles[0], "step_ms_p90": 1e3 * quantiles[-1],
             "steps": len(times), "clips_per_s": args.batch / median, "tflop_per_step": flops / 1e12,
@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for config in configs:
         recipe = read_recipe(config)
-        frames = args.frames or (recipe["model"].get("init_args") or {}).get("num_frames", 12)
-        model = build_method(recipe["model"], {**overrides, **({"num_frames": frames} if args.frames else {})})
+        frames = args.frames or (recipe["model"]["retriever"].get("init_args") or {}).get("num_frames", 12)
+        retriever = build_retriever(recipe["model"]["retriever"], {**overrides, **({"num_frames": frames} if args.frames else {})})
+        model = RetrievalModule(retriever, recipe["model"]["optim"])  # the recipe's optimiser (a dict is read as OptimConfig)
         with warnings.catch_warnings():  # training_step's self.log outside a Trainer
             warnings.filterwarnings("ignore", message=".*self.log.*")
             rows.append(bench_train(config.stem, model, args, frames))

@@ -26,7 +26,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from retrieval.data import synthetic
-from retrieval.data.datasets import CaptionDataset, SplitData, TrainDataset, VideoDataset, _VideoLoader
+from retrieval.data.datasets import (
+    CaptionDataset,
+    SplitData,
+    TrainDataset,
+    VideoDataset,
+    _VideoLoader,
+    collate_first_pair_per_video,
+)
 from retrieval.data.formats import CARVED_VALIDATION, READERS, VideoRecord, read_split
 from retrieval.data.probe import BAD_VIDEO_POLICIES, VideoProbe, apply_policy, cache_file, probe_splits
 from retrieval.data.sampler import PairBatchSampler
@@ -36,7 +43,7 @@ from retrieval.data.video import FRAME_SAMPLERS, SAMPLING_MODES, sample_indices
 _EVAL_STAGES = {"val": "val", "validate": "val", "test": "test"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 MODEL_SETTINGS = ("backbone", "num_frames", "max_words")
-"""Options the data shares with the model: ``vtr fit`` links them from ``model.init_args``."""
+"""Options the data shares with the model: ``vtr fit`` links them from ``model.retriever.init_args``."""
 
 
 def default_cache_dir() -> Path:
@@ -107,6 +114,9 @@ class VideoTextDataModule(LightningDataModule):
             never a test video; at least 1 and fewer than the training list holds.
         pair_batches: Synthetic only (ignored elsewhere): keep both clips of a pair in the
             same training batch, so the partner is an in-batch hard negative.
+        drop_duplicate_videos: Keep one pair per video in each training batch, as Prompt
+            Switch's official ``collate_fn`` does (its recipe sets it); single process only:
+            under DDP the ranks' batches would differ in size (refused at setup).
         cache_frames: Decode every frame of each video once and keep it in memory, then
             sample from memory (small datasets such as the synthetic default: 4,000 clips of
             16 64x64 frames are 0.8 GB). Each process (main or persistent worker) keeps one
@@ -139,6 +149,7 @@ class VideoTextDataModule(LightningDataModule):
         probe_videos: bool = True,
         val_size: int | None = None,
         pair_batches: bool = True,
+        drop_duplicate_videos: bool = False,
         cache_frames: bool = False,
         synthetic_num_train: int = 4000,
         synthetic_num_val: int = 400,
@@ -213,6 +224,10 @@ class VideoTextDataModule(LightningDataModule):
                     "call prepare_data() first (the Trainer does)"
                 )
             self._pairs = synthetic.pair_info(self.root)
+        if stage == "fit" and self.hparams.drop_duplicate_videos and self.trainer is not None \
+                and self.trainer.world_size > 1:
+            raise ValueError("data.drop_duplicate_videos=true reproduces the official single-GPU collate and would "
+                             "give ranks batches of different sizes; set it to false under DDP")
         splits = _STAGE_SPLITS[stage] if stage else ("train", "val", "test")
         records = {split: self._read(split) for split in splits if split not in self._splits}
         if records and self.hparams.probe_videos:
@@ -331,6 +346,7 @@ class VideoTextDataModule(LightningDataModule):
                             self.transform, self.hparams.cache_frames, self.hparams.frame_sampler)
         dataset = TrainDataset(self._split("train"), load, self.tokenizer)
         workers = self.hparams.num_workers
+        collate = {"collate_fn": collate_first_pair_per_video} if self.hparams.drop_duplicate_videos else {}
         if self.pair_batches:
             sampler = PairBatchSampler(
                 DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False),
@@ -338,8 +354,9 @@ class VideoTextDataModule(LightningDataModule):
                 resume=self._resume,
             )
             self._resume = None
-            return self._loader(dataset, workers, batch_sampler=sampler)
-        return self._loader(dataset, workers, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
+            return self._loader(dataset, workers, batch_sampler=sampler, **collate)
+        return self._loader(dataset, workers, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                            **collate)
 
     def _eval_dataloaders(self, split: str) -> list[DataLoader]:
         data = self._split(split)

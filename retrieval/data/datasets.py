@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from retrieval.data.formats import VideoRecord
 from retrieval.data.transforms import ClipTransform
@@ -125,3 +125,16 @@ class CaptionDataset(Dataset):
             "caption_index": torch.tensor(index),
             "video_index": self.data.caption_video[index],
         }
+
+
+def first_pair_per_video(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without pairs whose video already appeared earlier in it (Prompt Switch's
+    official ``collate_fn``)."""
+    index = batch["video_index"]
+    seen_before = (index[:, None] == index[None, :]).tril(diagonal=-1).any(dim=1)  # [B]
+    return {key: value[~seen_before] for key, value in batch.items()}
+
+
+def collate_first_pair_per_video(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate``, then :func:`first_pair_per_video` (``data.drop_duplicate_videos``)."""
+    return first_pair_per_video(default_collate(items))

@@ -6,10 +6,10 @@ A grid file (``experiments/sweeps/*.yaml``)::
       - experiments/model/seqtransf.yaml
       - experiments/data/synthetic.yaml
     args:                         # fixed options of every run
-      model.init_args.backbone: vtr-tiny
+      model.retriever.init_args.backbone: vtr-tiny
     grid:                         # every combination of these values is one run
-      model.init_args.num_temporal_layers: [2, 4]
-      model.init_args.optim.lr: [1.0e-4, 3.0e-4]
+      model.retriever.init_args.num_temporal_layers: [2, 4]
+      model.optim.lr: [1.0e-4, 3.0e-4]
 
 expands into ``python -m retrieval.cli fit --config ... --key=value ...``, one per point of the
 product of the ``grid`` values (the last key varies fastest). Options after the grid file are

@@ -49,7 +49,7 @@ import argparse
 import csv
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -59,10 +59,12 @@ from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.bench import build_method, read_recipe
+from retrieval.recipes import build_retriever, read_recipe
 from retrieval.bench.timing import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
-from retrieval.module import FreezeVisionTower, OptimConfig, RetrievalModule
+from retrieval.retriever import Retriever
+from retrieval.tools.index import encode_split
+from retrieval.training import FreezeVisionTower, OptimConfig, RetrievalModule
 from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
 
@@ -117,31 +119,38 @@ PRESETS = {
 }
 
 
-def recipes(methods_dir: Path, names: list[str] | None) -> list[Path]:
-    """The recipe files to compare: all of ``methods_dir``, or the named ones (stem or path)."""
+def recipes(methods_dir: Path, names: list[str] | None) -> list[tuple[Path, ...]]:
+    """The recipes to compare: all of ``methods_dir``, or the named ones. A name is a recipe's
+    stem or path, or ``RECIPE+VARIANT.yaml[+...]`` (a recipe and its variants, merged in order)."""
     if names:
-        return [Path(n) if n.endswith(".yaml") else methods_dir / f"{n}.yaml" for n in names]
+        return [tuple(Path(p) if p.endswith(".yaml") else methods_dir / f"{p}.yaml" for p in n.split("+"))
+                for n in names]
     found = sorted(methods_dir.glob("*.yaml"))
     if not found:
         raise FileNotFoundError(f"no method recipes (*.yaml) in {methods_dir}")
-    return found
+    return [(path,) for path in found]
 
 
-def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root: Path, out: Path, seed: int,
+def method_name(paths: tuple[Path, ...]) -> str:
+    """A recipe's stem, with its variants' stems: ``prompt_switch+prompt_switch_no_captioner``."""
+    return "+".join(path.stem for path in paths)
+
+
+def run_method(recipe_paths: tuple[Path, ...], preset: Preset, backbone_ckpt: Path, data_root: Path, out: Path, seed: int,
                postprocess: Postprocess | None = None) -> dict:
     """Fine-tune, select on validation, test and time one method; returns its results row
     (with the DSL / QB-Norm rows that ``postprocess`` asks for)."""
-    recipe = read_recipe(recipe_path)
-    name = recipe_path.stem
-    fixed = recipe.get("data") or {}
+    recipe = read_recipe(*recipe_paths)
+    name = method_name(recipe_paths)
+    fixed = recipe["data"]
     # methods whose paper fixes its own frame sampling (Prompt Switch: 6 train / 12 test frames
     # in chunks of 6) keep it; every other method samples the preset's frame count
     if fixed.get("frame_segments"):
         frames = {k: fixed[k] for k in ("num_frames", "eval_num_frames", "frame_segments") if k in fixed}
     else:
         frames = {"num_frames": preset.num_frames}
-    if "frame_sampler" in fixed:  # the official sampler a recipe restates (Prompt Switch, STAN)
-        frames["frame_sampler"] = fixed["frame_sampler"]
+    frames["frame_sampler"] = fixed["frame_sampler"]  # the official sampler a recipe restates (Prompt Switch, STAN)
+    frames["drop_duplicate_videos"] = fixed["drop_duplicate_videos"]  # Prompt Switch's official collate
     data = VideoTextDataModule(
         dataset="synthetic", root=str(data_root), backbone="vtr-tiny", max_words=preset.max_words, batch_size=preset.batch_size,
         eval_batch_size=128, num_workers=0, cache_frames=True, pair_batches=True, train_sampling=preset.train_sampling,
@@ -150,8 +159,9 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
         **frames,
     )
     overrides = {"backbone": "vtr-tiny", "pretrained": str(backbone_ckpt), "num_frames": frames["num_frames"],
-                 "max_words": preset.max_words, "optim": asdict(preset.optim)}
-    model = build_method(recipe["model"], overrides, seed=seed).train()
+                 "max_words": preset.max_words}
+    retriever = build_retriever(recipe["model"]["retriever"], overrides, seed=seed)
+    model = RetrievalModule(retriever, optim=preset.optim).train()
     checkpoint = ModelCheckpoint(dirpath=out / name / "checkpoints", monitor="val/t2v_R1", mode="max",
                                  filename="best", save_top_k=1, enable_version_counter=False)
     trainer = L.Trainer(
@@ -161,22 +171,22 @@ def run_method(recipe_path: Path, preset: Preset, backbone_ckpt: Path, data_root
         callbacks=[checkpoint, *([FreezeVisionTower()] if preset.freeze_vision_tower else []),
                    *([postprocess] if postprocess else [])],
     )
-    console.rule(f"[bold]{name}[/] ({recipe['model']['class_path']})")
+    console.rule(f"[bold]{name}[/] ({recipe['model']['retriever']['class_path']})")
     L.seed_everything(seed, verbose=False)
     start = time.perf_counter()
     trainer.fit(model, data)
     train_minutes = (time.perf_counter() - start) / 60
     trainer.test(model, data, ckpt_path=checkpoint.best_model_path or None, verbose=False)
     logged = trainer.callback_metrics
-    text, video, _ = model.eval_features["test"]
-    row = {"method": name, "fusion_free": type(model).offline, "train_minutes": train_minutes}
+    row = {"method": name, "fusion_free": retriever.fusion_free, "train_minutes": train_minutes}
     row.update({column: float(logged[f"test/{key}"]) for column, key in LOGGED.items()})
     row.update({column: float(logged[f"test/{key}"]) for column, key in POSTPROCESSED.items() if f"test/{key}" in logged})
-    row.update(_timings(model.eval(), data, text, video, preset))
+    row.update(_timings(retriever.eval(), data, preset))
     return row
 
 
-def _timings(model: RetrievalModule, data: VideoTextDataModule, text, video, preset: Preset) -> dict[str, float]:
+def _timings(model: Retriever, data: VideoTextDataModule, preset: Preset) -> dict[str, float]:
+    _, video = encode_split(model, data, "test")  # the gallery the test scored, with the selected weights
     videos, captions = data.test_dataloader()
     tokens, batch = next(iter(captions))["tokens"], next(iter(videos))
     online = {

@@ -34,11 +34,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import retrieval
-from retrieval.bench import build_method, model_config, model_fingerprint, read_recipe, tokenize
+from retrieval.recipes import (
+    build_retriever,
+    checkpoint_recipe,
+    model_fingerprint,
+    read_recipe,
+    retriever_from_checkpoint,
+    tokenize,
+)
 from retrieval.bench.results import atomic_path
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.features import VideoFeatures
-from retrieval.module import RetrievalModule
+from retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +86,9 @@ def make_datamodule(args: dict[str, Any]) -> VideoTextDataModule:
         raise ValueError(f"bad --data option: {error}") from None
 
 
-def encode_split(model: RetrievalModule, datamodule: VideoTextDataModule, split: str,
+def encode_split(model: Retriever, datamodule: VideoTextDataModule, split: str,
                  device: str = "cpu") -> tuple[list[str], VideoFeatures]:
-    """Encode every video of ``split`` once (the offline stage), in dataset order.
+    """Encode every video of ``split`` once (the offline stage, then ``prepare_gallery``), in dataset order.
 
     Returns:
         ``(video_ids, features)`` with ``features`` on the CPU.
@@ -95,7 +102,8 @@ def encode_split(model: RetrievalModule, datamodule: VideoTextDataModule, split:
     indices, parts = [], []
     with torch.inference_mode():
         for batch in loaders[0]:
-            parts.append(model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device)).to("cpu"))
+            video = model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))
+            parts.append(model.prepare_gallery(video).to("cpu"))
             indices.append(batch["video_index"])
     order = torch.cat(indices).argsort()
     records = datamodule.records(split)
@@ -103,14 +111,15 @@ def encode_split(model: RetrievalModule, datamodule: VideoTextDataModule, split:
 
 
 # ---------------------------------------------------------------------- index
-FORMAT = "vtr-index/2"
-"""The safetensors metadata ``format`` of an index (vtr's first indexes were pickles: refused)."""
+FORMAT = "vtr-index/3"
+"""The safetensors metadata ``format`` of an index (vtr's first indexes were pickles: refused;
+``/2`` held methods of the LightningModule shape, before ``Retriever``)."""
 _FEATURE = "features."
-_KEYS = {"video_ids", "class_path", "init_args", "ckpt", "ckpt_absolute", "seed", "fingerprint", "offline"}
+_KEYS = {"video_ids", "class_path", "init_args", "ckpt", "ckpt_absolute", "seed", "fingerprint", "fusion_free"}
 
 
 def build_index(
-    config: str | Path,
+    config: str | Path | Sequence[str | Path] | None,
     out: str | Path,
     ckpt: str | None = None,
     data: Sequence[str] = (),
@@ -123,7 +132,8 @@ def build_index(
     """``vtr index``: encode a split's videos once and save them with what rebuilds the method.
 
     Args:
-        config: the method's recipe YAML.
+        config: the method's recipe YAML (and variants, merged in order), or None: the
+            retriever and the data settings saved in ``ckpt``.
         out: the index file to write.
         ckpt: Lightning checkpoint, or None for the recipe's weights (random or pretrained).
         data: ``--data`` items (see :func:`data_arguments`).
@@ -135,30 +145,37 @@ def build_index(
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False (checked before any work).
+        ValueError: neither ``config`` nor ``ckpt`` is given.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    recipe = read_recipe(config)
-    model = build_method(recipe["model"], overrides, ckpt, seed)
+    if config is None:
+        if ckpt is None:
+            raise ValueError("an index needs a checkpoint (--ckpt) or a recipe (--config)")
+        model = retriever_from_checkpoint(ckpt, overrides, seed)
+        recipe = checkpoint_recipe(ckpt)
+    else:
+        recipe = read_recipe(*([config] if isinstance(config, (str, Path)) else config))
+        model = build_retriever(recipe["model"]["retriever"], overrides, ckpt, seed)
     datamodule = make_datamodule(data_arguments(recipe, data, model.clip.name))
     video_ids, features = encode_split(model, datamodule, split, device)
     ckpt_path = None if ckpt is None else Path(ckpt).resolve()
     meta = {
         "video_ids": video_ids,
-        **model_config(model),
+        **model.config,
         "ckpt": None if ckpt_path is None else os.path.relpath(ckpt_path, out.resolve().parent),
         "ckpt_absolute": None if ckpt_path is None else str(ckpt_path),
         "seed": seed,
         "fingerprint": model_fingerprint(model),
-        "offline": bool(model.offline),
+        "fusion_free": bool(model.fusion_free),
         "split": split,
         "vtr": retrieval.__version__,
     }
     tensors = {_FEATURE + name: t.contiguous() for name, t in features.as_dict().items()}
     with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "index": json.dumps(meta)})
-    log.info("indexed %d %s videos of %s into %s", len(video_ids), split, config, out)
+    log.info("indexed %d %s videos of %s into %s", len(video_ids), split, config or ckpt, out)
     return out
 
 
@@ -213,7 +230,7 @@ def indexed_checkpoint(index: dict[str, Any]) -> str | None:
 _FROM_INDEX = "index"
 
 
-def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -> RetrievalModule:
+def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -> Retriever:
     """Rebuild the method that wrote ``index`` and check it is the same, weight for weight.
 
     Args:
@@ -227,7 +244,7 @@ def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -
     """
     ckpt = indexed_checkpoint(index) if ckpt == _FROM_INDEX else ckpt
     config = {"class_path": index["class_path"], "init_args": index["init_args"]}
-    model = build_method(config, ckpt=ckpt, seed=index["seed"])
+    model = build_retriever(config, ckpt=ckpt, seed=index["seed"])
     expected, got = index["fingerprint"], model_fingerprint(model)
     if got != expected:
         hint = (f"pass its checkpoint ({index['ckpt_absolute']}) with --ckpt" if index["ckpt_absolute"]
@@ -241,7 +258,7 @@ def search(
     index: dict[str, Any],
     queries: Sequence[str],
     k: int = 5,
-    model: RetrievalModule | None = None,
+    model: Retriever | None = None,
     use_faiss: bool = False,
     device: str = "cpu",
 ) -> list[list[tuple[str, float]]]:
@@ -264,17 +281,17 @@ def search(
     with torch.inference_mode():
         text = model.encode_text(tokenize(model, queries).to(device))
         if use_faiss:
-            scores, ids = _faiss_topk(model, text.sentence, gallery, k)
+            scores, ids = _faiss_topk(model, text.embedding, gallery, k)
         else:
             scores, ids = model.score_gallery(text, gallery).topk(k, dim=1)
     names = index["video_ids"]
     return [[(names[i], float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())] for row_s, row_i in zip(scores, ids)]
 
 
-def _faiss_topk(model: RetrievalModule, sentence: torch.Tensor, gallery: VideoFeatures,
+def _faiss_topk(model: Retriever, queries: torch.Tensor, gallery: VideoFeatures,
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k by a FAISS ``IndexFlatIP`` over the fusion-free embeddings, scaled to logits."""
-    if not model.offline:
+    if not model.fusion_free:
         raise ValueError(f"--faiss needs a fusion-free method; {type(model).__name__} is text-conditioned")
     try:
         import faiss
@@ -283,7 +300,7 @@ def _faiss_topk(model: RetrievalModule, sentence: torch.Tensor, gallery: VideoFe
     embedding = gallery.embedding.float().cpu().numpy()
     flat = faiss.IndexFlatIP(embedding.shape[1])
     flat.add(embedding)
-    scores, ids = flat.search(sentence.float().cpu().numpy(), k)
+    scores, ids = flat.search(queries.float().cpu().numpy(), k)
     return model.logit_scale().float().cpu() * torch.from_numpy(scores), torch.from_numpy(ids).long()
 
 
@@ -308,7 +325,9 @@ def build_parser(tool: str) -> argparse.ArgumentParser:
     if tool == "index":
         parser = argparse.ArgumentParser(prog="vtr index", description="Encode a split's videos once (offline).",
                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        parser.add_argument("--config", required=True, type=Path, help="method recipe YAML (experiments/model/)")
+        parser.add_argument("--config", nargs="+", type=Path, default=None,
+                            help="method recipe YAML (experiments/model/) and variants; default: the retriever "
+                                 "and data saved in --ckpt")
         parser.add_argument("--ckpt", default=None, help="Lightning checkpoint, or 'none' for the recipe's weights")
         parser.add_argument("--data", nargs="*", default=[],
                             help="data YAML files and key=value options of VideoTextDataModule, in order")
