@@ -74,8 +74,10 @@ class TwoStage(Retriever):
     """Fusion-free recall of the top ``k``, text-conditioned re-rank of those ``k``.
 
     Args:
-        recaller: a fusion-free retriever.
-        reranker: any retriever (normally text-conditioned).
+        recaller: a fusion-free retriever, or its spec (``{ckpt}``, ``{config, ckpt}`` or
+            ``{class_path, init_args, ckpt}``: ``retrieval.recipes.build_two_stage``), as a
+            recipe gives it.
+        reranker: any retriever (normally text-conditioned), or its spec.
         k: videos re-ranked per query (clamped at the gallery size).
         spec: the plain data that rebuilds this retriever (``{recaller, reranker, k}``, each part
             ``{class_path, init_args, ckpt}``, ``retrieval.recipes.build_two_stage``): its
@@ -87,8 +89,14 @@ class TwoStage(Retriever):
 
     fusion_free = False
 
-    def __init__(self, recaller: Retriever, reranker: Retriever, k: int, spec: dict[str, Any] | None = None) -> None:
+    def __init__(self, recaller: Retriever | dict[str, Any], reranker: Retriever | dict[str, Any], k: int,
+                 spec: dict[str, Any] | None = None) -> None:
         nn.Module.__init__(self)  # no backbone of its own (see above)
+        if isinstance(recaller, dict) or isinstance(reranker, dict):  # a recipe's specs: build the parts
+            from retrieval.recipes import build_two_stage
+
+            built = build_two_stage({"recaller": recaller, "reranker": reranker, "k": k})
+            recaller, reranker, spec = built.recaller, built.reranker, built.spec
         if not recaller.fusion_free:
             raise ValueError(f"the recaller must be fusion-free (offline); {type(recaller).__name__} is text-conditioned")
         if recaller.clip.image_size != reranker.clip.image_size:

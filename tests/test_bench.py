@@ -31,20 +31,20 @@ T = 4
 class FrameMaxScorer(MeanPool):
     """A text-conditioned test double: a query scores a video by its best frame (T*D MACs per pair)."""
 
-    offline = False
+    fusion_free = False
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         x = self.frame_features(frames, frame_mask)  # [B, T, D]
         return VideoFeatures(frames=x / x.norm(dim=-1, keepdim=True))
 
     def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
-        per_frame = torch.einsum("qd,ntd->qnt", text.sentence, video.frames)  # [Q, N, T]
+        per_frame = torch.einsum("qd,ntd->qnt", text.embedding, video.frames)  # [Q, N, T]
         return self.logit_scale() * per_frame.amax(dim=-1)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_retriever(read_recipe(MEANPOOL)["model"], MICRO)
+    return build_retriever(read_recipe(MEANPOOL)["model"]["retriever"], MICRO)
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +226,17 @@ def _grid(tmp_path: Path, body: str) -> Path:
 def test_sweep_dry_run_expands_a_2x2_grid(tmp_path, capsys):
     grid = _grid(tmp_path, f"""
 configs: [{MEANPOOL}]
-args: {{model.init_args.backbone: vtr-tiny}}
+args: {{model.retriever.init_args.backbone: vtr-tiny}}
 grid:
-  model.init_args.optim.lr: [1.0e-4, 3.0e-4]
+  model.optim.lr: [1.0e-4, 3.0e-4]
   trainer.max_epochs: [1, 2]
 """)
     sweep.main(["sweep", "--grid", str(grid), "--dry-run", "--trainer.fast_dev_run=true"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
-    assert all(f"retrieval.cli fit --config {MEANPOOL} --model.init_args.backbone=vtr-tiny" in line for line in lines)
+    assert all(f"retrieval.cli fit --config {MEANPOOL} --model.retriever.init_args.backbone=vtr-tiny" in line for line in lines)
     assert all(line.endswith("--trainer.fast_dev_run=true") for line in lines)
-    assert "--model.init_args.optim.lr=0.0003 --trainer.max_epochs=1" in lines[2]
+    assert "--model.optim.lr=0.0003 --trainer.max_epochs=1" in lines[2]
 
 
 def test_sweep_rejects_bad_grid_files(tmp_path):
@@ -260,17 +260,33 @@ def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_recipe_variant_merges_onto_its_base(tmp_path):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "m.yaml").write_text(
-        "model:\n  class_path: a.B\n  init_args:\n    x: 1\n    optim: {lr: 0.1, eps: 1.0e-6}\ndata:\n  num_frames: 6\n")
-    (tmp_path / "variant.yaml").write_text("base: model/m.yaml\nmodel:\n  init_args:\n    optim: {lr: 0.5}\n")
-    recipe = read_recipe(tmp_path / "variant.yaml")
-    assert recipe == {"model": {"class_path": "a.B", "init_args": {"x": 1, "optim": {"lr": 0.5, "eps": 1.0e-6}}},
-                      "data": {"num_frames": 6}}
-    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+def test_recipe_variant_merges_onto_its_recipe(tmp_path):
+    """A variant holds only its change; the parser merges it onto the recipe (mappings key by
+    key), and the data's frames are the model's."""
+    (tmp_path / "m.yaml").write_text(
+        "model:\n  retriever:\n    class_path: baselines.clip4clip.SeqTransf\n    init_args:\n"
+        "      num_frames: 6\n      num_temporal_layers: 2\n  optim: {lr: 0.1, eps: 1.0e-6}\ndata:\n  batch_size: 4\n")
+    (tmp_path / "variant.yaml").write_text("model:\n  retriever:\n    init_args:\n      num_temporal_layers: 3\n"
+                                           "  optim: {lr: 0.5}\n")
+    recipe = read_recipe(tmp_path / "m.yaml", tmp_path / "variant.yaml")
+    retriever = recipe["model"]["retriever"]
+    assert retriever["class_path"] == "baselines.clip4clip.SeqTransf"
+    assert retriever["init_args"]["num_temporal_layers"] == 3 and retriever["init_args"]["num_frames"] == 6
+    assert recipe["model"]["optim"]["lr"] == 0.5 and recipe["model"]["optim"]["eps"] == 1.0e-6
+    assert recipe["data"]["num_frames"] == 6 and recipe["data"]["batch_size"] == 4
     with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
-        read_recipe(tmp_path / "lost.yaml")
-    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
-    with pytest.raises(ValueError, match="cycle"):
-        read_recipe(tmp_path / "loop.yaml")
+        read_recipe(tmp_path / "m.yaml", tmp_path / "nowhere.yaml")
+    with pytest.raises(ValueError, match="variant.yaml"):  # a variant alone names no method
+        read_recipe(tmp_path / "variant.yaml")
+    (tmp_path / "contradicts.yaml").write_text("data:\n  num_frames: 8\n")
+    with pytest.raises(ValueError, match="data.num_frames=8 contradicts"):
+        read_recipe(tmp_path / "m.yaml", tmp_path / "contradicts.yaml")
+
+
+def test_committed_variants_merge_onto_prompt_switch():
+    base = ROOT / "experiments/model/prompt_switch.yaml"
+    for variant, key, value in (("prompt_switch_no_captioner.yaml", "use_captioner", False),
+                                ("prompt_switch_aggregation_new_lr.yaml", "aggregation_in_clip_group", False)):
+        recipe = read_recipe(base, ROOT / "experiments/ablations" / variant)
+        assert recipe["model"]["retriever"]["init_args"][key] is value
+        assert recipe["data"]["eval_num_frames"] == 12 and recipe["data"]["drop_duplicate_videos"] is True

@@ -37,7 +37,7 @@ def test_index_holds_every_test_video_once(meanpool_index):
     index = load_index(meanpool_index)
     assert len(index["video_ids"]) == len(set(index["video_ids"])) == NUM_TEST
     assert index["features"]["embedding"].shape == (NUM_TEST, 64)
-    assert index["class_path"] == "baselines.clip4clip.MeanPool" and index["offline"]
+    assert index["class_path"] == "baselines.clip4clip.MeanPool" and index["fusion_free"]
     assert index["init_args"]["backbone"] == "vtr-micro" and index["ckpt"] is None
 
 
@@ -65,6 +65,23 @@ def test_search_refuses_other_weights(meanpool_index, tmp_path):
     assert load_indexed_method(load_index(meanpool_index), ckpt=str(ckpt)) is not None
 
 
+def test_index_from_a_checkpoint_alone(meanpool_index, data, tmp_path):
+    """``vtr index --ckpt`` needs no recipe: the retriever and the data settings saved in a
+    RetrievalModule checkpoint rebuild the same index."""
+    model = load_indexed_method(load_index(meanpool_index))
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in data)}
+    ckpt = tmp_path / "module.ckpt"
+    torch.save({"state_dict": {f"retriever.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"retriever": model.config, "optim": {}, "eval_chunk_size": None},
+                "datamodule_hyper_parameters": {"dataset": "synthetic", **settings}}, ckpt)
+    out = build_index(None, tmp_path / "from-ckpt.safetensors", ckpt=str(ckpt))
+    index, expected = load_index(out), load_index(meanpool_index)
+    assert index["video_ids"] == expected["video_ids"] and index["fingerprint"] == expected["fingerprint"]
+    torch.testing.assert_close(index["features"]["embedding"], expected["features"]["embedding"])
+    with pytest.raises(ValueError, match="--ckpt"):
+        build_index(None, tmp_path / "nothing.safetensors")
+
+
 def test_index_refuses_to_overwrite(meanpool_index, data):
     stamp = meanpool_index.stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -77,11 +94,11 @@ def test_index_refuses_to_overwrite(meanpool_index, data):
 
 def test_text_conditioned_index_and_search_commands(tmp_path, data, capsys):
     recipe = tmp_path / "framemax.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"class_path": "test_bench.FrameMaxScorer", "init_args": MICRO}}))
+    recipe.write_text(yaml.safe_dump({"model": {"retriever": {"class_path": "test_bench.FrameMaxScorer", "init_args": MICRO}}}))
     out = tmp_path / "framemax.safetensors"
     main(["index", "--config", str(recipe), "--ckpt", "none", "--out", str(out), "--data", *data])
     index = load_index(out)
-    assert index["features"]["frames"].shape == (NUM_TEST, 4, 64) and not index["offline"]
+    assert index["features"]["frames"].shape == (NUM_TEST, 4, 64) and not index["fusion_free"]
     main(["search", "--index", str(out), "-k", "3", "a big red square", "a small red square"])
     lines = capsys.readouterr().out.splitlines()
     ranked = [line.split()[1] for line in lines if line.startswith("  ")]
@@ -138,7 +155,7 @@ def test_fingerprint_sees_weights_whose_sum_is_unchanged():
 
 def test_fingerprint_covers_the_recipe():
     same_weights = build_retriever({"class_path": "baselines.clip4clip.MeanPool",
-                                 "init_args": {**MICRO, "eval_chunk_size": 7}}, seed=0)
+                                    "init_args": {**MICRO, "num_frames": 7}}, seed=0)
     assert same_weights.state_dict().keys() == _micro_meanpool().state_dict().keys()
     assert model_fingerprint(same_weights) != model_fingerprint(_micro_meanpool())
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 from fakes import random_tokens, random_videos
 
-from retrieval.recipes import build_retriever, model_config, model_fingerprint, read_recipe
+from retrieval.recipes import build_retriever, model_fingerprint, read_recipe
 from retrieval.tools.index import build_index, load_index, load_indexed_method, search
 from retrieval.metrics import retrieval_metrics
 from retrieval.two_stage import TwoStage, combine, join, split
@@ -82,7 +82,7 @@ def test_combine_puts_the_tail_below_every_reranked_score():
 
 
 def test_refuses_a_text_conditioned_recaller_and_a_bad_k():
-    xclip = build_retriever(read_recipe(ROOT / "experiments/model/xclip.yaml")["model"], MICRO)
+    xclip = build_retriever(read_recipe(ROOT / "experiments/model/xclip.yaml")["model"]["retriever"], MICRO)
     with pytest.raises(ValueError, match="recaller must be fusion-free"):
         TwoStage(xclip, xclip, 5)
     with pytest.raises(ValueError, match="k"):
@@ -102,19 +102,20 @@ def test_join_and_split_round_trip(pair):
 def test_rebuilt_from_its_config_with_checkpoints(pair, tmp_path):
     model = pair[0]
     for part in ("recaller", "reranker"):
-        torch.save({"state_dict": getattr(model, part).state_dict()}, tmp_path / f"{part}.ckpt")
+        torch.save({"state_dict": {f"retriever.{k}": v for k, v in getattr(model, part).state_dict().items()}},
+                   tmp_path / f"{part}.ckpt")
     config = spec(7)
     for part in ("recaller", "reranker"):
         config["init_args"][part]["ckpt"] = str(tmp_path / f"{part}.ckpt")
     built = build_retriever(config, MICRO, seed=3)  # another seed: the weights come from the checkpoints
-    rebuilt = build_retriever(model_config(built))
+    rebuilt = build_retriever(built.config)
     assert rebuilt.k == 7 and model_fingerprint(rebuilt) == model_fingerprint(built)
     assert model_fingerprint(built.recaller) == model_fingerprint(model.recaller)
 
 
 def test_index_and_search_a_two_stage_retriever(tmp_path):
     recipe = tmp_path / "two_stage.yaml"
-    recipe.write_text(yaml.safe_dump({"model": spec(4)}))
+    recipe.write_text(yaml.safe_dump({"model": {"retriever": spec(4)}}))
     data = [f"root={tmp_path / 'synthetic'}", "synthetic_num_train=2", "synthetic_num_val=2", "synthetic_num_test=10",
             "eval_batch_size=5", "num_frames=4"]
     out = build_index(recipe, tmp_path / "two.safetensors", data=data, overrides=MICRO)
@@ -132,7 +133,7 @@ def test_latency_times_a_two_stage_retriever(pair):
 
     model = pair[0]
     model.k = 5
-    rows = bench_method("two", {"model": spec(5)}, model,
+    rows = bench_method("two", {"model": {"retriever": spec(5)}}, model,
                         BenchSettings(galleries=(8, 40), batches=(1, 3), real_videos=4, offline_batch=4, repeats=2,
                                       warmup=1))
     assert [(r["gallery"], r["batch"]) for r in rows] == [(8, 1), (8, 3), (40, 1), (40, 3)]
