@@ -48,7 +48,7 @@ TOOLS = {
     "compare": "retrieval.tools.compare",
     "bench": "retrieval.bench.latency",
     "index": "retrieval.tools.index",
-    "search": "retrieval.tools.index",
+    "search": "retrieval.tools.search",
     "sweep": "retrieval.tools.sweep",
     "prepare": "retrieval.tools.prepare",
     "pretrain": "retrieval.pretrain",

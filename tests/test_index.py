@@ -11,7 +11,9 @@ import yaml
 from safetensors.torch import save_file
 
 from retrieval.recipes import build_retriever, load_weights, model_fingerprint, tokenize
-from retrieval.tools.index import build_index, load_index, load_indexed_method, main, search
+from retrieval.tools.index import build_index, load_index, main
+from retrieval.tools.search import load_indexed_method, search
+from retrieval.tools.search import main as search_main
 from retrieval.features import VideoFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +101,12 @@ def test_text_conditioned_index_and_search_commands(tmp_path, data, capsys):
     main(["index", "--config", str(recipe), "--ckpt", "none", "--out", str(out), "--data", *data])
     index = load_index(out)
     assert index["features"]["frames"].shape == (NUM_TEST, 4, 64) and not index["fusion_free"]
-    main(["search", "--index", str(out), "-k", "3", "a big red square", "a small red square"])
+    search_main(["search", "--index", str(out), "-k", "3", "a big red square", "a small red square"])
     lines = capsys.readouterr().out.splitlines()
     ranked = [line.split()[1] for line in lines if line.startswith("  ")]
     assert len(ranked) == 6 and set(ranked) <= set(index["video_ids"])
     with pytest.raises(SystemExit, match="fusion-free"):
-        main(["search", "--index", str(out), "--faiss", "a big red square"])
+        search_main(["search", "--index", str(out), "--faiss", "a big red square"])
 
 
 def test_faiss_matches_torch(meanpool_index):
@@ -185,13 +187,13 @@ def test_search_from_another_folder_finds_the_indexs_checkpoint(tmp_path, data, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    main(["search", "--index", str(tmp_path / "lab" / "out" / "index.safetensors"), "-k", "2", "a big red square"])
+    search_main(["search", "--index", str(tmp_path / "lab" / "out" / "index.safetensors"), "-k", "2", "a big red square"])
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]) == 2
     (tmp_path / "lab").rename(tmp_path / "moved")  # index and checkpoint moved together: found beside the index
     assert load_indexed_method(load_index(tmp_path / "moved" / "out" / "index.safetensors")) is not None
     (tmp_path / "moved" / "model.ckpt").unlink()
     with pytest.raises(SystemExit, match="neither at .*model.ckpt.* nor at .*model.ckpt.*pass it with --ckpt"):
-        main(["search", "--index", str(tmp_path / "moved" / "out" / "index.safetensors"), "a big red square"])
+        search_main(["search", "--index", str(tmp_path / "moved" / "out" / "index.safetensors"), "a big red square"])
 
 
 # ---------------------------------------------------------------------- no code runs on load
@@ -213,7 +215,7 @@ def test_a_pickled_index_is_refused_without_running_it(tmp_path):
     with pytest.raises(ValueError, match="is not a vtr index: not a safetensors file.*never unpickled"):
         load_index(evil)
     with pytest.raises(SystemExit, match="is not a vtr index"):
-        main(["search", "--index", str(evil), "a big red square"])
+        search_main(["search", "--index", str(evil), "a big red square"])
     with open(tmp_path / "plain.pkl", "wb") as handle:
         pickle.dump(_WritesMarker(marker), handle)
     with pytest.raises(ValueError, match="not a vtr index"):
@@ -232,7 +234,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, meanpool_index):
     with pytest.raises(ValueError, match=r"shared.ckpt refused: .*could run code \(Unsupported global: .*open"):
         load_weights(_micro_meanpool(), evil)
     with pytest.raises(SystemExit, match="refused"):
-        main(["search", "--index", str(meanpool_index), "--ckpt", str(evil), "a big red square"])
+        search_main(["search", "--index", str(meanpool_index), "--ckpt", str(evil), "a big red square"])
     assert not marker.exists()
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"text.ckpt refused: .*\(Unsupported operand"):

@@ -10,7 +10,8 @@ import yaml
 from fakes import random_tokens, random_videos
 
 from retrieval.recipes import build_retriever, model_fingerprint, read_recipe
-from retrieval.tools.index import build_index, load_index, load_indexed_method, search
+from retrieval.tools.index import build_index, load_index
+from retrieval.tools.search import load_indexed_method, search
 from retrieval.metrics import retrieval_metrics
 from retrieval.two_stage import TwoStage, combine, join, split
 

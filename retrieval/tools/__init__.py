@@ -1,7 +1,8 @@
 """vtr's tools: what trains, indexes, sweeps or prepares, as opposed to what measures (:mod:`retrieval.bench`).
 
 - :mod:`retrieval.tools.compare`: ``vtr compare`` (every method fine-tuned, tested and timed the same way);
-- :mod:`retrieval.tools.index`: ``vtr index`` (encode the videos of a split once) and ``vtr search``;
+- :mod:`retrieval.tools.index`: ``vtr index`` (encode the videos of a split once) and
+  :mod:`retrieval.tools.search`: ``vtr search`` (rank them for typed queries);
 - :mod:`retrieval.tools.sweep`: ``vtr sweep`` (a local grid of ``vtr fit`` runs);
 - :mod:`retrieval.tools.prepare`: ``vtr prepare`` (the lineage's optional re-encode of a video folder).
 """

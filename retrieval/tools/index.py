@@ -1,14 +1,16 @@
-"""``vtr index`` and ``vtr search``: the offline stage written to a file, and queries against it.
+"""``vtr index``: the offline stage written to a file (``vtr search`` queries it: :mod:`retrieval.tools.search`).
 
-- ``vtr index --config RECIPE.yaml --ckpt CKPT|none --data DATA.yaml [key=value ...] --out index.safetensors``
-  builds the method from its recipe (the same ``model`` section ``vtr fit`` reads), loads the
-  checkpoint's weights, and encodes every video of a split once with ``encode_video``. The file
+- ``vtr index [--config RECIPE.yaml [VARIANT.yaml]] --ckpt CKPT|none --data DATA.yaml [key=value ...] --out
+  index.safetensors`` builds the method from its recipe (the same ``model`` section ``vtr fit`` reads) or,
+  without ``--config``, from the checkpoint alone (its saved retriever and data settings), loads the
+  checkpoint's weights, and encodes every video of a split once with ``encode_video`` and
+  ``prepare_gallery``. The file
   is a safetensors file (tensors and JSON, nothing that runs on load): the ``features`` (the
   ``VideoFeatures`` fields the method caches, whatever they are: one embedding for fusion-free
   methods, frame or token features for text-conditioned ones), and in its metadata the
   ``video_ids``, ``class_path`` and ``init_args`` (to rebuild the method), the checkpoint's path
   (relative to the index's folder, and absolute), the seed and the method's fingerprint
-  (:func:`~retrieval.bench.model_fingerprint`: sha256 of its config and every weight). It is
+  (:func:`~retrieval.recipes.model_fingerprint`: sha256 of its config and every weight). It is
   written to a temporary file renamed into place, so an interrupted run leaves no half-written
   index; an existing file is never replaced without ``--overwrite``.
 - ``vtr search --index index.safetensors "a red square moves left" [-k 5]`` rebuilds the method,
@@ -40,7 +42,6 @@ from retrieval.recipes import (
     model_fingerprint,
     read_recipe,
     retriever_from_checkpoint,
-    tokenize,
 )
 from retrieval.bench.results import atomic_path
 from retrieval.data.datamodule import VideoTextDataModule
@@ -226,84 +227,6 @@ def indexed_checkpoint(index: dict[str, Any]) -> str | None:
                             f"index) nor at {index['ckpt_absolute']}; pass it with --ckpt")
 
 
-# ---------------------------------------------------------------------- search
-_FROM_INDEX = "index"
-
-
-def load_indexed_method(index: dict[str, Any], ckpt: str | None = _FROM_INDEX) -> Retriever:
-    """Rebuild the method that wrote ``index`` and check it is the same, weight for weight.
-
-    Args:
-        index: a loaded index.
-        ckpt: the checkpoint to load; by default the one recorded in the index
-            (:func:`indexed_checkpoint`).
-
-    Raises:
-        ValueError: the rebuilt method's fingerprint differs from the index's (another
-            checkpoint, or any weight changed).
-    """
-    ckpt = indexed_checkpoint(index) if ckpt == _FROM_INDEX else ckpt
-    config = {"class_path": index["class_path"], "init_args": index["init_args"]}
-    model = build_retriever(config, ckpt=ckpt, seed=index["seed"])
-    expected, got = index["fingerprint"], model_fingerprint(model)
-    if got != expected:
-        hint = (f"pass its checkpoint ({index['ckpt_absolute']}) with --ckpt" if index["ckpt_absolute"]
-                else f"it was built without a checkpoint (seed {index['seed']}): pass --ckpt none")
-        raise ValueError(f"the method rebuilt with ckpt={ckpt!r} does not hold the weights that built {index['path']} "
-                         f"(fingerprint {got[:19]}... vs {expected[:19]}...); {hint}")
-    return model
-
-
-def search(
-    index: dict[str, Any],
-    queries: Sequence[str],
-    k: int = 5,
-    model: Retriever | None = None,
-    use_faiss: bool = False,
-    device: str = "cpu",
-) -> list[list[tuple[str, float]]]:
-    """Rank the indexed videos for each query.
-
-    Args:
-        index: a loaded index.
-        queries: free-text queries.
-        k: results per query (clamped at the gallery size).
-        model: the indexed method (default: :func:`load_indexed_method`).
-        use_faiss: rank with a FAISS flat inner-product index (fusion-free methods only).
-        device: where to score.
-
-    Returns:
-        Per query, ``k`` pairs ``(video_id, score)`` best first; scores are ``score`` logits.
-    """
-    model = (model or load_indexed_method(index)).to(device).eval()
-    gallery = VideoFeatures(**index["features"]).to(device)
-    k = min(k, len(gallery))
-    with torch.inference_mode():
-        text = model.encode_text(tokenize(model, queries).to(device))
-        if use_faiss:
-            scores, ids = _faiss_topk(model, text.embedding, gallery, k)
-        else:
-            scores, ids = model.score_gallery(text, gallery).topk(k, dim=1)
-    names = index["video_ids"]
-    return [[(names[i], float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())] for row_s, row_i in zip(scores, ids)]
-
-
-def _faiss_topk(model: Retriever, queries: torch.Tensor, gallery: VideoFeatures,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by a FAISS ``IndexFlatIP`` over the fusion-free embeddings, scaled to logits."""
-    if not model.fusion_free:
-        raise ValueError(f"--faiss needs a fusion-free method; {type(model).__name__} is text-conditioned")
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("--faiss needs faiss: pip install faiss-cpu") from None
-    embedding = gallery.embedding.float().cpu().numpy()
-    flat = faiss.IndexFlatIP(embedding.shape[1])
-    flat.add(embedding)
-    scores, ids = flat.search(queries.float().cpu().numpy(), k)
-    return model.logit_scale().float().cpu() * torch.from_numpy(scores), torch.from_numpy(ids).long()
-
-
 # ---------------------------------------------------------------------- command line
 def _overrides(backbone: str | None, pretrained: str, ckpt: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -317,61 +240,39 @@ def _overrides(backbone: str | None, pretrained: str, ckpt: str | None) -> dict[
     return out
 
 
-def _ckpt(value: str | None) -> str | None:
+def none_or(value: str | None) -> str | None:
+    """A ``--ckpt`` value: None for ``none``."""
     return None if value is None or value.lower() == "none" else value
 
 
-def build_parser(tool: str) -> argparse.ArgumentParser:
-    if tool == "index":
-        parser = argparse.ArgumentParser(prog="vtr index", description="Encode a split's videos once (offline).",
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        parser.add_argument("--config", nargs="+", type=Path, default=None,
-                            help="method recipe YAML (experiments/model/) and variants; default: the retriever "
-                                 "and data saved in --ckpt")
-        parser.add_argument("--ckpt", default=None, help="Lightning checkpoint, or 'none' for the recipe's weights")
-        parser.add_argument("--data", nargs="*", default=[],
-                            help="data YAML files and key=value options of VideoTextDataModule, in order")
-        parser.add_argument("--split", choices=sorted(SPLIT_STAGES), default="test")
-        parser.add_argument("--out", required=True, type=Path, help="index file (.safetensors)")
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        parser.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
-        parser.add_argument("--pretrained", default="recipe",
-                            help="'recipe' (none when --ckpt is given), 'none', or a tag/path")
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
-        return parser
-    parser = argparse.ArgumentParser(prog="vtr search", description="Rank indexed videos for text queries.",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtr index", description="Encode a split's videos once (offline).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("query", nargs="+", help="one or more queries")
-    parser.add_argument("--index", required=True, type=Path)
-    parser.add_argument("--ckpt", default=_FROM_INDEX, help="checkpoint (default: the one that built the index)")
-    parser.add_argument("-k", type=int, default=5)
-    parser.add_argument("--faiss", action="store_true", help="FAISS flat inner product (fusion-free methods)")
+    parser.add_argument("--config", nargs="+", type=Path, default=None,
+                        help="method recipe YAML (experiments/model/) and variants; default: the retriever "
+                             "and data saved in --ckpt")
+    parser.add_argument("--ckpt", default=None, help="Lightning checkpoint, or 'none' for the recipe's weights")
+    parser.add_argument("--data", nargs="*", default=[],
+                        help="data YAML files and key=value options of VideoTextDataModule, in order")
+    parser.add_argument("--split", choices=sorted(SPLIT_STAGES), default="test")
+    parser.add_argument("--out", required=True, type=Path, help="index file (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--backbone", default=None, help="replace the recipe's backbone (e.g. vtr-tiny)")
+    parser.add_argument("--pretrained", default="recipe",
+                        help="'recipe' (none when --ckpt is given), 'none', or a tag/path")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     return parser
 
 
 def main(argv: Sequence[str]) -> None:
-    """``vtr index ...`` / ``vtr search ...`` (``argv[0]`` is the tool name)."""
-    tool, args = argv[0], build_parser(argv[0]).parse_args(list(argv[1:]))
+    """``vtr index ...`` (``argv[0]`` is the tool name)."""
+    args = build_parser().parse_args(list(argv[1:]))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _run(tool, args)
-    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as error:
-        raise SystemExit(f"vtr {tool}: {error}") from None
-
-
-def _run(tool: str, args: argparse.Namespace) -> None:
-    if tool == "index":
-        ckpt = _ckpt(args.ckpt)
+        ckpt = none_or(args.ckpt)
         out = build_index(args.config, args.out, ckpt, args.data, args.split,
                           _overrides(args.backbone, args.pretrained, ckpt), args.overwrite, args.device, args.seed)
-        print(f"wrote {out}")
-        return
-    index = load_index(args.index)
-    ckpt = args.ckpt if args.ckpt == _FROM_INDEX else _ckpt(args.ckpt)
-    model = load_indexed_method(index, ckpt)
-    for query, hits in zip(args.query, search(index, args.query, args.k, model, args.faiss, args.device)):
-        print(f"{query!r} ({index['class_path'].rsplit('.', 1)[-1]}, {len(index['video_ids'])} videos)")
-        for rank, (video_id, score) in enumerate(hits, 1):
-            print(f"  {rank:>3}  {video_id:<24} {score:9.4f}")
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(f"vtr index: {error}") from None
+    print(f"wrote {out}")
