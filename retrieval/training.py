@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
-from retrieval.metrics import RetrievalMetrics
+from retrieval.metrics import RetrievalMetrics, summarize
 from retrieval.postprocess import Postprocess
 from retrieval.retriever import Retriever
 
@@ -94,6 +94,9 @@ class RetrievalModule(L.LightningModule):
         self.save_hyperparameters({"retriever": retriever.config, "optim": asdict(optim),
                                    "eval_chunk_size": eval_chunk_size})
         self._eval_buffers: dict[str, list] = {"video": [], "text": []}
+        self.per_query: dict[str, dict[str, Tensor]] = {}
+        """The last evaluation's per-query results by stage (``RetrievalMetrics.per_query``: ranks,
+        pair wins; a few ints per query), what paired comparisons and the results table resample."""
         self._rng_to_restore: dict[str, Tensor | list[Tensor]] | None = None
 
     # ------------------------------------------------------------------ training
@@ -245,12 +248,14 @@ class RetrievalModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, text: TextFeatures, video: VideoFeatures, caption_video: Tensor,
-                 annotations: dict[str, Tensor] | None = None) -> dict[str, float]:
+                 annotations: dict[str, Tensor] | None = None, stage: str = "test") -> dict[str, float]:
         """The metric suite of ``score`` over the gallery; the queries are split evenly across ranks.
 
         ``annotations`` (the synthetic benchmark's ``caption_kind`` and ``video_partner``,
         as ``VideoTextDataModule.eval_annotations`` gives them) add R@1 by caption kind and the
-        temporal pair accuracy, from the same score rows.
+        temporal pair accuracy, from the same score rows. Every R@K and the pair accuracy
+        carry their bootstrap interval (``_lo`` / ``_hi``, ``retrieval.metrics``); the per-query
+        results are kept in :attr:`per_query` under ``stage``.
         """
         rank, world_size = world()
         device = caption_video.device
@@ -266,12 +271,15 @@ class RetrievalModule(L.LightningModule):
             q1 = min(last, q0 + chunk)
             metric.update(self.retriever.score_gallery(text[q0:q1], video), caption_video[q0:q1],
                           None if kind is None else kind[q0:q1])
-        return metric.compute()
+        with metric.sync_context():  # every rank's rows (a no-op in one process)
+            per_query = metric.per_query()
+        self.per_query[stage] = {k: v.cpu() for k, v in per_query.items()}
+        return summarize(per_query)
 
     def _log_eval(self, stage: str) -> None:
         text, video, caption_video = self.gather_eval_features()
         annotations = getattr(self.trainer.datamodule, "eval_annotations", lambda _: {})(stage)
-        metrics = self.evaluate(text, video, caption_video, annotations)
+        metrics = self.evaluate(text, video, caption_video, annotations, stage)
         for callback in self.trainer.callbacks:  # DSL / QB-Norm: their own labelled rows, beside the plain ones
             if isinstance(callback, Postprocess):
                 metrics.update(callback.evaluation_rows(self, stage, text, video, caption_video))

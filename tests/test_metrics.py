@@ -118,3 +118,61 @@ def test_pair_metrics_hand_computed():
     assert m["static/R@1"] == 50.0  # caption 1 loses to video 0
     assert m["temporal/R@1"] == 50.0  # caption 2 ties with its partner: a miss
     assert m["temporal/pair_acc"] == 50.0  # the tie is not a win
+
+
+# ---------------------------------------------------------------------- bootstrap intervals
+from retrieval import metrics as metrics_module  # noqa: E402
+from retrieval.metrics import bootstrap_ci, bootstrap_means, paired_difference, summarize  # noqa: E402
+
+
+def test_bootstrap_interval_is_reproducible_and_holds_the_mean():
+    hits = 100.0 * (torch.rand(500, generator=torch.Generator().manual_seed(3)) < 0.3).double()
+    low, high = bootstrap_ci(hits)
+    assert (low, high) == bootstrap_ci(hits)  # fixed seed
+    assert low < hits.mean().item() < high
+    assert bootstrap_ci(torch.full((50,), 100.0)) == (100.0, 100.0)  # no spread, no interval
+    wide = bootstrap_ci(hits[:50])
+    assert wide[1] - wide[0] > high - low  # fewer queries, wider interval
+
+
+def test_category_counts_draw_the_same_bootstrap_as_resampled_indices(monkeypatch):
+    """A resample's mean depends only on its counts per distinct value: drawing the counts
+    (conditional binomials) and drawing the indices give the same distribution."""
+    values = torch.tensor([-100.0, 0.0, 100.0])[torch.randint(3, (400,), generator=torch.Generator().manual_seed(0))]
+    counts = bootstrap_means(values, 20000)
+    monkeypatch.setattr(metrics_module, "MAX_CATEGORIES", 0)
+    indices = bootstrap_means(values, 20000)
+    assert counts.mean().item() == pytest.approx(values.mean().item(), abs=0.1)
+    assert counts.mean().item() == pytest.approx(indices.mean().item(), abs=0.1)
+    assert counts.std().item() == pytest.approx(indices.std().item(), rel=0.03)
+    assert counts.std().item() == pytest.approx(values.std(unbiased=False).item() / 20, rel=0.03)  # sigma / sqrt(n)
+
+
+def test_paired_difference_of_two_methods_on_the_same_queries():
+    g = torch.Generator().manual_seed(1)
+    a = 100.0 * (torch.rand(1000, generator=g) < 0.6).double()
+    same = paired_difference(a, a.clone())
+    assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0, "excludes_zero": False}
+    b = a.clone()
+    b[:200] = 0.0  # b misses 200 queries a hits (about 120 of them were hits)
+    better = paired_difference(a, b)
+    assert better["difference"] > 0 and better["lo"] > 0 and better["excludes_zero"]
+    noise = paired_difference(a, 100.0 * (torch.rand(1000, generator=g) < 0.6).double())
+    assert noise["lo"] < 0 < noise["hi"] and not noise["excludes_zero"]
+    with pytest.raises(ValueError, match="same queries"):
+        paired_difference(a, a[:10])
+
+
+def test_every_recall_carries_its_interval():
+    sim = torch.randn(60, 30, generator=torch.Generator().manual_seed(2))
+    caption_video = torch.arange(60) % 30
+    m = retrieval_metrics(sim, caption_video)
+    for direction in ("t2v", "v2t"):
+        for k in (1, 5, 10):
+            name = f"{direction}/R@{k}"
+            assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"]
+    metric = RetrievalMetrics(30, video_partner=(torch.arange(30) + 1) % 30)
+    metric.update(sim, caption_video, torch.arange(60) % 2)
+    full = summarize(metric.per_query())
+    assert full["temporal/pair_acc_lo"] <= full["temporal/pair_acc"] <= full["temporal/pair_acc_hi"]
+    assert set(summarize(metric.per_query(), ci=False)) == {k for k in full if not k.endswith(("_lo", "_hi"))}
