@@ -224,6 +224,19 @@ def test_retriever_config_records_its_arguments_and_the_activation_built():
     assert model.config["init_args"]["num_frames"] == 4
 
 
+def test_a_checkpoint_loads_back_into_a_retrieval_module(trainer_kwargs, tmp_path):
+    model = SeqTransf(num_temporal_layers=2, backbone="vtr-micro", num_frames=4, max_words=16)
+    module = RetrievalModule(model, optim=OptimConfig(lr=1e-3), eval_chunk_size=5)
+    trainer = L.Trainer(**trainer_kwargs, max_steps=1)
+    trainer.fit(module, FakeVideoText(num_frames=4, size=32, max_words=16))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = RetrievalModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert type(loaded.retriever) is SeqTransf and loaded.retriever.config == model.config
+    assert loaded.optim == OptimConfig(lr=1e-3) and loaded.retriever.eval_chunk_size == 5
+    for (name, a), b in zip(model.state_dict().items(), loaded.retriever.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 RETRIEVERS = [MeanPool, SeqTransf, TightTransf, XCLIP, XPool, GLCCL, STAN, CLIP2Video, PromptSwitch]
 
 
