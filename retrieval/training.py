@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
-from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor, nn
 
@@ -86,7 +85,7 @@ class RetrievalModule(L.LightningModule):
                  eval_chunk_size: int | None = None) -> None:
         super().__init__()
         if isinstance(retriever, dict):  # a checkpoint's hparams (load_from_checkpoint): its saved config
-            retriever = _retriever_from_config(retriever)
+            retriever = Retriever.from_config(retriever)
         if isinstance(optim, dict):  # a checkpoint's hparams
             optim = OptimConfig(**{**optim, "betas": tuple(optim.get("betas", OptimConfig.betas))})
         self.retriever = retriever
@@ -294,14 +293,6 @@ class FreezeVisionTower(BaseFinetuning):
 
     def finetune_function(self, pl_module: RetrievalModule, epoch: int, optimizer) -> None:
         """Never unfrozen."""
-
-
-def _retriever_from_config(config: dict) -> Retriever:
-    """The retriever a ``{class_path, init_args}`` config describes, built as the CLI builds it."""
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(Retriever, "retriever", required=True)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    return instantiate(parser.parse_object({"retriever": config})).retriever
 
 
 def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
