@@ -2,6 +2,8 @@
 tiny inputs and save their figures: each code cell is executed in order in one fresh
 namespace, from ``notebooks/`` as Jupyter would start it, without a kernel."""
 
+import csv
+import shutil
 from pathlib import Path
 
 import jupytext
@@ -10,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+RESULTS = ROOT / "experiments" / "results"
 RECIPES = {path.stem for path in (ROOT / "experiments" / "model").glob("*.yaml")}
 
 
@@ -42,5 +45,42 @@ def test_methods_side_by_side(monkeypatch):
     assert rows["meanpool"]["new_params"] == 0
     assert all(row["new_params"] > 0 for name, row in rows.items() if name != "meanpool")
     assert all(row["score"] == [3, 2] for row in rows.values())
+
+
+def _with_intervals(source: Path, target: Path) -> None:
+    """A compare CSV with ``_lo`` / ``_hi`` beside every accuracy, as `vtr compare` writes them
+    once it reports bootstrap intervals."""
+    with open(source, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for metric in ("t2v_R@1", "static_R@1", "temporal_R@1", "temporal_pair_acc"):
+            value = float(row[metric])
+            row[f"{metric}_lo"], row[f"{metric}_hi"] = max(0.0, value - 4), min(100.0, value + 3)
+    with open(target, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_results_plots(monkeypatch, tmp_path, capsys):
+    results, out = tmp_path / "results", tmp_path / "figures"
+    results.mkdir()
+    committed = sorted(RESULTS.glob("compare_*.csv")) + sorted(RESULTS.glob("latency_*.csv"))
+    assert committed, "no committed compare/latency CSVs"
+    for path in committed:
+        shutil.copy(path, results)
+    _with_intervals(min(RESULTS.glob("compare_*.csv")), results / "compare_with-ci.csv")
+    namespace = run_notebook("results_plots", monkeypatch, VTR_NB_RESULTS=results, VTR_NOTEBOOK_OUT=out)
+    expected = {f"{p.stem}_{kind}.png" for p in results.glob("compare_*.csv") for kind in ("accuracy", "tradeoff")}
+    expected |= {f"{p.stem}.png" for p in results.glob("latency_*.csv")}
+    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in namespace["figures"]} == expected
+    printed = capsys.readouterr().out
+    assert "compare_with-ci.csv temporal_pair_acc: CI columns present; whiskers: 95 % bootstrap CI" in printed
+    for path in results.glob("compare_cpu*.csv"):  # the committed one, until it carries intervals
+        with open(path, newline="") as handle:
+            has_ci = "temporal_pair_acc_lo" in next(csv.reader(handle))
+        if not has_ci:
+            assert f"{path.name} temporal_pair_acc: no _lo/_hi columns" in printed
 
 
