@@ -3,12 +3,19 @@ tiny inputs and save their figures: each code cell is executed in order in one f
 namespace, from ``notebooks/`` as Jupyter would start it, without a kernel."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
 import jupytext
 import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 import torch
+
+from retrieval.data import synthetic
+from retrieval.data.video import read_frames
+from retrieval.recipes import build_retriever, read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -34,6 +41,16 @@ def run_notebook(name: str, monkeypatch, **env) -> dict:
         torch.set_num_threads(threads)
         plt.close("all")
     return namespace
+
+
+def test_notebooks_are_jupytext_percent_scripts():
+    names = {path.stem for path in NOTEBOOKS.glob("*.py")}
+    assert names == {"methods_side_by_side", "results_plots", "order_blind_failure"}
+    for name in names:
+        notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
+        kinds = {cell.cell_type for cell in notebook.cells}
+        assert kinds == {"markdown", "code"}, name
+        assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# "), name
 
 
 def test_methods_side_by_side(monkeypatch):
@@ -84,3 +101,42 @@ def test_results_plots(monkeypatch, tmp_path, capsys):
             assert f"{path.name} temporal_pair_acc: no _lo/_hi columns" in printed
 
 
+def test_order_blind_failure(monkeypatch, tmp_path):
+    namespace = run_notebook("order_blind_failure", monkeypatch, VTR_NB_SIZE=32, VTR_NB_CLIP_FRAMES=8,
+                             VTR_NB_FRAMES=4, VTR_NOTEBOOK_OUT=tmp_path)
+    results = namespace["results"]
+    assert set(results) == RECIPES
+    assert results["meanpool"]["order_blind"] and results["xpool"]["order_blind"]
+    assert not any(results[name]["order_blind"] for name in ("seqtransf", "xclip", "clip2video", "prompt_switch"))
+    assert {p.name for p in tmp_path.iterdir()} == {"order_blind_replace_frames.png", "order_blind_replace_margins.png"}
+    # the pair the notebook renders is the one `generate` writes (test pair 4: 2 train + 2 val clips before it)
+    root = synthetic.generate(tmp_path / "synthetic", num_train=2, num_val=2, num_test=10, size=32, num_frames=8,
+                              progress=False)
+    ids = ("video12", "video13")
+    assert synthetic.pair_info(root)[ids[0]] == ("video13", "temporal", "replace")
+    sentences = json.loads((root / "MSRVTT_data.json").read_text())["sentences"]
+    assert [next(s["caption"] for s in sentences if s["video_id"] == i) for i in ids] == namespace["captions"]
+    for video_id, rendered in zip(ids, (namespace["frames_a"], namespace["frames_b"])):
+        decoded, _ = read_frames(root / "videos" / f"{video_id}.mp4", None)
+        assert np.abs(decoded.astype(int) - rendered).mean() < 3  # libx264 at crf 18
+
+
+def test_order_blind_failure_reads_compare_checkpoints(monkeypatch, tmp_path):
+    """With VTR_NB_CHECKPOINTS (a `vtr compare --out` folder) a method's trained weights are scored."""
+    retriever = build_retriever(read_recipe(ROOT / "experiments/model/meanpool.yaml")["model"]["retriever"],
+                                {"backbone": "vtr-micro", "pretrained": None, "num_frames": 4, "max_words": 16})
+    ckpt = tmp_path / "compare" / "meanpool" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"retriever.{k}": v for k, v in retriever.state_dict().items()},
+                "hyper_parameters": {"retriever": retriever.config},
+                "datamodule_hyper_parameters": {"frame_sampler": "vtr", "frame_segments": None}}, ckpt)
+    namespace = run_notebook("order_blind_failure", monkeypatch, VTR_NB_SIZE=32, VTR_NB_CLIP_FRAMES=8,
+                             VTR_NB_METHODS="meanpool", VTR_NB_CHECKPOINTS=tmp_path / "compare",
+                             VTR_NB_TEMPLATE="recolour", VTR_NOTEBOOK_OUT=tmp_path / "figures")
+    result = namespace["results"]["meanpool"]
+    assert result["weights"] == "trained" and result["order_blind"]
+
+
+def test_order_blind_failure_refuses_a_static_template(monkeypatch, tmp_path):
+    with pytest.raises(AssertionError, match="'colour' is not a temporal template"):
+        run_notebook("order_blind_failure", monkeypatch, VTR_NB_TEMPLATE="colour", VTR_NOTEBOOK_OUT=tmp_path)
