@@ -88,7 +88,8 @@ def side_by_side(name: str) -> dict:
     cached = sum(t[0].numel() for t in gallery.values())
     row = {"class": type(retriever).__name__, "fusion_free": retriever.fusion_free, "new_params": new,
            "cached_per_video": cached, "score": list(scores.shape)}
-    print(f"{row['class']} ({recipe['model']['retriever']['class_path']}): {type(retriever).__doc__.splitlines()[0]}")
+    summary = " ".join(type(retriever).__doc__.split("\n\n")[0].split())  # the class docstring's first paragraph
+    print(f"{row['class']} ({recipe['model']['retriever']['class_path']}): {summary}")
     print(f"  fusion-free:      {retriever.fusion_free}")
     print(f"  encode_video:     {shapes(video)}")
     if gallery is not video:
