@@ -121,7 +121,7 @@ class RetrievalMetrics(Metric):
         """``static/R@1``, ``temporal/R@1`` and ``temporal/pair_acc`` (see :func:`pair_metrics`)."""
         kinds, wins = (state if isinstance(state, Tensor) else torch.cat(state) if state else None
                        for state in (self.query_kind, self.pair_wins))
-        if kinds is None:
+        if kinds is None or not len(kinds):  # no kinds given (synced under DDP, an empty list is an empty tensor)
             return {}
         out = {}
         for kind, name in ((0, "static"), (1, "temporal")):
