@@ -188,7 +188,11 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, capsys):
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     val = {k: float(v) for k, v in whole.trainer.callback_metrics.items() if k.startswith("val/")}
-    assert len(val) == 11 + 3  # the retrieval metrics and val/t2v_R1, plus the synthetic views
+    points = {k for k in val if not k.endswith(("_lo", "_hi"))}
+    assert len(points) == 11 + 3  # the retrieval metrics and val/t2v_R1, plus the synthetic views
+    # every R@K (6), static / temporal R@1 (2) and the pair accuracy (1) carry their interval
+    assert {k for k in val if k.endswith("_lo")} == {f"{k}_lo" for k in points if "R@" in k or "pair_acc" in k} \
+        and len(val) == len(points) + 2 * 9
     assert {k: float(v) for k, v in resumed.trainer.callback_metrics.items() if k.startswith("val/")} == val
     # the resumed part logs beside its own config; the checkpoints stay with the run it continues
     config = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())
