@@ -143,7 +143,7 @@ def test_ddp_on_one_device_fits_validates_and_tests_like_one_process(tmp_path, m
             dist.destroy_process_group()
     plain = L.Trainer(**kwargs)
     single = (plain.validate(model, dm, verbose=False)[0], plain.test(model, dm, verbose=False)[0])
-    assert len(fitted) == len(single[0]) == 11  # R@1/5/10, MdR, MnR both ways, and val/t2v_R1
+    assert len(fitted) == len(single[0]) == 11 + 12  # R@1/5/10 (each with its interval), MdR, MnR both ways, val/t2v_R1
     assert fitted == pytest.approx(single[0], abs=1e-4)
     assert len(ddp) == len(single)  # (validate, test): pytest >= 9.2's approx compares flat mappings only
     for got, expected in zip(ddp, single):
