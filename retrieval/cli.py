@@ -23,11 +23,17 @@ What the CLI adds to LightningCLI:
   fetches the first resumed batch before the random states are back). Its checkpoints,
   selection state included, stay in the run's ``checkpoints/``; the resumed part logs to a new
   folder with its own config (CSVLogger would delete the old metrics).
+- ``fit --test_after_fit true`` tests the checkpoint selected on validation (the first
+  ``ModelCheckpoint`` monitoring a ``val/`` metric) in the same process, into the same logger;
+  that and ``vtr test`` end by writing ``test_results.json`` in the run's folder (the tested
+  checkpoint, the monitor that selected it, the test metrics): the mark of a finished run that
+  ``vtr sweep`` skips and ``vtr results`` collects;
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from argparse import RawDescriptionHelpFormatter
@@ -50,6 +56,7 @@ TOOLS = {
     "index": "retrieval.tools.index",
     "search": "retrieval.tools.search",
     "sweep": "retrieval.tools.sweep",
+    "results": "retrieval.tools.results",
     "prepare": "retrieval.tools.prepare",
     "pretrain": "retrieval.pretrain",
 }
@@ -61,7 +68,8 @@ TOOLS_HELP = """tools (vtr TOOL --help):
   bench     latency (per-query time against gallery size, beside the compute and read floors) | metrics | loader
   index     encode the videos of a split once: the offline per-video features, written to a file
   search    rank an index's videos for typed queries
-  sweep     a local grid of `vtr fit` runs (experiments/sweeps/)
+  sweep     a grid of `vtr fit` runs, each tested on its val-selected checkpoint, resumable (experiments/sweeps/)
+  results   one table (mean ± std over seeds, 95 % CI) from finished runs, compare and sweep folders
   prepare   re-encode a video folder as the CLIP4Clip lineage does (3 fps, short side 224)
   pretrain  print the path of the vtr-tiny pretrained on synthetic frames (building it on first use)"""
 
@@ -111,6 +119,8 @@ class VTRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Postprocess, "postprocess")  # --postprocess.dsl / .qb_norm: labelled test rows
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit: then test the checkpoint selected on validation (and write test_results.json)")
         parser.set_defaults(
             {
                 "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -128,6 +138,36 @@ class VTRCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         self._check_eval_frames()
+
+    # ------------------------------------------------------------------ test after fit, the finished mark
+    def after_fit(self) -> None:
+        """``--test_after_fit``: test the checkpoint selected on validation, never on test."""
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        selectors = [c for c in self.trainer.checkpoint_callbacks
+                     if isinstance(c, ModelCheckpoint) and str(c.monitor or "").startswith("val/")]
+        if not selectors or not selectors[0].best_model_path:
+            raise RuntimeError("--test_after_fit: no checkpoint was selected on a val/ metric (did validation run?)")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=selectors[0].best_model_path)
+        self.after_test()
+
+    def after_test(self) -> None:
+        """``test_results.json`` in the run's folder: what was tested, selected by what, and the
+        test metrics (rank 0)."""
+        folder = run_folder(self.trainer)
+        if not self.trainer.is_global_zero:
+            return
+        from retrieval.selection import TEST_RESULTS, selected_by
+
+        ckpt = self.trainer.ckpt_path
+        record = {
+            "checkpoint": str(ckpt) if ckpt else None,
+            "monitor": selected_by(ckpt) if ckpt else None,
+            "seed": self.config[self.subcommand].get("seed_everything"),
+            "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TEST_RESULTS).write_text(json.dumps(record, indent=1) + "\n")
 
     # ------------------------------------------------------------------ linked settings
     def _error(self, message: str) -> None:
