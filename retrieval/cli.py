@@ -28,6 +28,8 @@ What the CLI adds to LightningCLI:
   that and ``vtr test`` end by writing ``test_results.json`` in the run's folder (the tested
   checkpoint, the monitor that selected it, the test metrics): the mark of a finished run that
   ``vtr sweep`` skips and ``vtr results`` collects;
+- with a wandb logger the whole config is logged to the wandb run too (rank 0; Lightning's
+  loggers log only on rank 0 under DDP).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
 from retrieval.training import RetrievalModule
@@ -105,6 +108,11 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(path), skip_none=False, multifile=self.multifile)
+            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+            if wandb_loggers:  # the whole config, beside the module's hyperparameters, in the wandb run's config
+                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                for logger in wandb_loggers:
+                    logger.log_hyperparams({"vtr": config})
         self.already_saved = True
 
 
