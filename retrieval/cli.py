@@ -15,7 +15,8 @@ What the CLI adds to LightningCLI:
 - each run keeps its ``config.yaml`` in its own folder, beside its logs and checkpoints, and
   never writes over another run's;
 - ``checkpoints/last.ckpt`` is rewritten at every validation, and ``--ckpt_path last`` is the
-  newest one of a run with the same model and data (an error if there is none). ``fit``
+  newest one of a run with the same model, data, seed and logger name (an error if there is
+  none). ``fit``
   continues that run where it stopped, mid-epoch included (``PairBatchSampler`` restores its
   position, ``RetrievalModule`` the torch random states): with deterministic training frames
   (``train_sampling: uniform``) the weights end bit-identical to an uninterrupted run; with
@@ -233,8 +234,9 @@ class VTRCLI(LightningCLI):
 
     # ------------------------------------------------------------------ --ckpt_path last
     def _resolve_last(self, config) -> None:
-        """``last`` -> the newest ``last.ckpt`` of a run with this model and data; ``fit`` keeps
-        saving into that run's ``checkpoints/`` (so its selection state is restored too)."""
+        """``last`` -> the newest ``last.ckpt`` of a run with this model, data, seed and logger
+        name; ``fit`` keeps saving into that run's ``checkpoints/`` (so its selection state is
+        restored too)."""
         logger = config.trainer.logger
         if isinstance(logger, list):
             logger = logger[0] if logger else None
@@ -276,8 +278,12 @@ class VTRCLI(LightningCLI):
 
 
 def _sections(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: the model and the data sections, flattened."""
-    return _flat({key: config.get(key) for key in ("model", "data")})
+    """What makes two runs the same run: the model and the data sections, the seed and the
+    logger's name (a wandb run's name: wandb runs of every name share one folder), flattened."""
+    logger = (config.get("trainer") or {}).get("logger")
+    name = (logger.get("init_args") or {}).get("name") if isinstance(logger, dict) else None
+    sections = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+    return _flat({**sections, "logger_name": name})
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -296,8 +302,8 @@ def _no_last_message(root: Path, candidates: list[Path], current: dict[str, Any]
     other = _sections(yaml.safe_load(saved.read_text()))
     differ = sorted(k for k in current.keys() | other.keys() if current.get(k) != other.get(k))
     shown = ", ".join(f"{k.rstrip('.')}: {other.get(k)!r} there, {current.get(k)!r} here" for k in differ[:4])
-    return (f"--ckpt_path last: no run under {root} has this model and data (the newest, {newest}, differs in "
-            f"{shown}); pass its path as --ckpt_path to resume it anyway")
+    return (f"--ckpt_path last: no run under {root} has this model, data, seed and logger name (the newest, "
+            f"{newest}, differs in {shown}); pass its path as --ckpt_path to resume it anyway")
 
 
 def lightning_main(args: list[str] | None = None) -> VTRCLI:
