@@ -16,7 +16,8 @@ What the CLI adds to LightningCLI:
   never writes over another run's;
 - ``checkpoints/last.ckpt`` is rewritten at every validation, and ``--ckpt_path last`` is the
   newest one of a run with the same model, data, seed and logger name (an error if there is
-  none). ``fit``
+  none), or, under SLURM, the ``hpc_ckpt_N.ckpt`` that Lightning's auto-requeue saved in
+  ``default_root_dir`` at the requeue signal when it is newer and continues that run. ``fit``
   continues that run where it stopped, mid-epoch included (``PairBatchSampler`` restores its
   position, ``RetrievalModule`` the torch random states): with deterministic training frames
   (``train_sampling: uniform``) the weights end bit-identical to an uninterrupted run; with
@@ -234,9 +235,9 @@ class VTRCLI(LightningCLI):
 
     # ------------------------------------------------------------------ --ckpt_path last
     def _resolve_last(self, config) -> None:
-        """``last`` -> the newest ``last.ckpt`` of a run with this model, data, seed and logger
-        name; ``fit`` keeps saving into that run's ``checkpoints/`` (so its selection state is
-        restored too)."""
+        """``last`` -> the newest ``last.ckpt`` of a run with this model, data, seed and logger name
+        (or a newer SLURM requeue checkpoint of that run); ``fit`` keeps saving into that run's
+        ``checkpoints/`` (so its selection state is restored too)."""
         logger = config.trainer.logger
         if isinstance(logger, list):
             logger = logger[0] if logger else None
@@ -245,7 +246,7 @@ class VTRCLI(LightningCLI):
             path = root_dir / "checkpoints" / "last.ckpt"
             if not path.is_file():
                 self._error(f"--ckpt_path last: there is no {path}")
-            config.ckpt_path = str(path)
+            config.ckpt_path = str(_newer_hpc_checkpoint(root_dir, path))
             return
         if not hasattr(logger, "class_path"):
             self._error("--ckpt_path last needs trainer.logger given as class_path + init_args (or no logger)")
@@ -260,6 +261,7 @@ class VTRCLI(LightningCLI):
                 break
         else:
             self._error(_no_last_message(root, candidates, current))
+        path = _newer_hpc_checkpoint(root_dir, path)
         config.ckpt_path = str(path)
         if self.subcommand == "fit":
             self._continue_checkpoints(path)
@@ -275,6 +277,20 @@ class VTRCLI(LightningCLI):
 
     def _run_sections(self, config) -> dict[str, Any]:
         return _sections(yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False)))
+
+
+def _newer_hpc_checkpoint(root_dir: Path, last: Path) -> Path:
+    """Lightning's SLURM auto-requeue checkpoint (``hpc_ckpt_N.ckpt`` in ``default_root_dir``,
+    saved when the requeue signal came) instead of ``last`` when it is newer and continues the
+    same run (its checkpoint callbacks save into the same folder); else ``last``."""
+    from retrieval.selection import callback_states
+
+    hpc = sorted(root_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not hpc or hpc[-1].stat().st_mtime <= last.stat().st_mtime:
+        return last
+    folders = [{s.get("dirpath") for k, s in callback_states(p).items() if k.startswith("ModelCheckpoint")}
+               for p in (hpc[-1], last)]
+    return hpc[-1] if folders[0] == folders[1] else last
 
 
 def _sections(config: dict[str, Any]) -> dict[str, Any]:
