@@ -40,7 +40,8 @@ dominated by tightTransf (B^2 pair sequences through 4 cross layers) and Prompt 
 captioner's 49,408-way vocabulary head): see the train minutes in the README's table.
 
 Outputs in ``--out``: ``results.csv``, ``results.png`` (pair accuracy against ms/query) and
-each method's Lightning logs and checkpoints.
+each method's Lightning logs and checkpoints; ``--wandb`` also logs the table and the plot to a
+wandb run (offline unless ``--wandb online``); ``vtr results`` collects the folder with others.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import argparse
 import csv
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -64,6 +65,7 @@ from retrieval.bench.timing import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.retriever import Retriever
 from retrieval.tools.index import encode_split
+from retrieval.tools.wandb_log import MODES, log_tables
 from retrieval.training import FreezeVisionTower, OptimConfig, RetrievalModule
 from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--qb-norm", action="store_true", help="also report t2v+QB (QB-Norm, querybank of training captions)")
     parser.add_argument("--querybank-size", type=int, default=5000, help="training captions in QB-Norm's querybank")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--wandb", nargs="?", const="offline", choices=MODES,
+                        help="also log the table and plot to wandb (offline unless 'online')")
     args = parser.parse_args(argv[1:] if argv and argv[0] == "compare" else argv)
 
     if args.threads:
@@ -282,4 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    if args.dsl or args.qb_norm else None)
     rows = [run_method(path, preset, backbone, data_root, args.out, args.seed, postprocess) for path in paths]
     write_outputs(rows, args.out, preset.tiled_gallery)
+    if args.wandb:
+        log_tables(f"compare-{args.out.name}", {"compare/results": rows}, {"compare/plot": args.out / "results.png"},
+                   args.wandb, directory=args.out, config={"preset": asdict(preset), "seed": args.seed})
     return rows
