@@ -31,6 +31,9 @@ def test_layout_and_captions(dataset):
         rows = list(csv.DictReader(handle))
     test_ids = [v["video_id"] for v in data["videos"] if v["split"] == "test"]
     assert Counter(r["video_id"] for r in rows) == {v: 3 for v in test_ids}  # all captions of the test videos
+    manifest = json.loads((dataset / synthetic.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["encoder"] == synthetic.encoder_build()
+    assert manifest["encoder"]["options"]["x264-params"] == "asm=0:mbtree=0"
     for split in ("train", "val", "test"):
         records = read_split("synthetic", dataset, split, dataset / "videos")
         assert len(records) == 12 and all(len(r.captions) == 3 for r in records)

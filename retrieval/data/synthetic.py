@@ -26,7 +26,7 @@ yuv420p) into an MSR-VTT-layout folder, so the same reader and decoder serve it:
     root/MSRVTT_val.csv            header video_id: the validation clips
     root/MSRVTT_JSFUSION_test.csv  key,vid_key,video_id,sentence: every caption of every test clip
     root/pairs.json                {video_id: {partner, kind, template}}
-    root/vtr_synthetic.json        manifest: generation parameters and completion flag
+    root/vtr_synthetic.json        manifest: generation parameters, completion flag, encoder build
 
 Generation is byte-reproducible: the same parameters give the same files, on any machine
 with the same PyAV build (its bundled FFmpeg and x264), whatever the CPU (``ENCODER_OPTIONS``);
@@ -50,6 +50,7 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import av
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -81,13 +82,15 @@ ENCODER_OPTIONS = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-para
 """libx264 settings that make a clip's bytes a function of its frames and the x264 build alone.
 
 Measured with PyAV 18.1 (x264 core 165) on an AVX-512 CPU, encoding the same yuv420p frames
-100 times in one process: with x264's default (AVX-512) assembly and macroblock-tree rate
+100-150 times in one process: with x264's default (AVX-512) assembly and macroblock-tree rate
 control, 4-8 distinct outputs, even for the first (I) frame; with ``mbtree=0``, or with
 ``asm=0``, or with x264 limited to AVX2 or SSSE3 code, one. The assembly also changes the
-output between CPU levels (SSE2 vs SSSE3 and up), so ``asm=0`` (x264's C code, about 1.4x slower
-on these 48-64 px clips, a few ms a clip) removes the CPU from the result, and ``mbtree=0``
-takes the floating-point lookahead out of rate control. ``threads=1``: x264's output depends on
-its thread count, which would otherwise follow the machine's cores."""
+output between CPU levels (SSE2 vs SSSE3 and up), so ``asm=0`` (x264's C code) removes the CPU
+from the result, and ``mbtree=0`` takes the floating-point lookahead out of rate control. The
+cost: 200 clips of 64 px took 7.8 s on this 2-core CPU, against 4.3 s with the assembly and 3.2 s
+with neither setting nor the numpy conversion (the default benchmark's 4,800 clips: about 3 minutes
+instead of 1.5, once per cache). ``threads=1``: x264's output depends on its thread count, which
+would otherwise follow the machine's cores."""
 
 
 class PairInfo(NamedTuple):
@@ -241,7 +244,7 @@ def generate(
         for key, sentence in enumerate(test_sentences):
             video_id = sentence["video_id"]
             writer.writerow([f"ret{key}", video_id.replace("video", "msr"), video_id, sentence["caption"]])
-    _write_json(root / MANIFEST, {"params": params, "complete": True,
+    _write_json(root / MANIFEST, {"params": params, "complete": True, "encoder": encoder_build(),
                                   "video_ids": [video["video_id"] for video in videos]})
     return root
 
@@ -259,6 +262,13 @@ def pair_info(root: str | Path) -> dict[str, PairInfo]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {root} is not a generated synthetic dataset")
     return {video_id: PairInfo(**info) for video_id, info in json.loads(path.read_text()).items()}
+
+
+def encoder_build() -> dict:
+    """What the clips' bytes depend on besides the parameters: the PyAV release and the FFmpeg
+    it bundles (whose libx264 it links), and ``ENCODER_OPTIONS``. Recorded in the manifest."""
+    return {"pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+            "libavformat": ".".join(map(str, av.library_versions["libavformat"])), "options": ENCODER_OPTIONS}
 
 
 def dataset_files(root: str | Path) -> list[str]:
