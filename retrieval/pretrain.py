@@ -8,9 +8,17 @@ temporal head can learn order (reference/synthetic.md): the frame encoder is the
 
 The checkpoint is an open_clip state dict, so methods load it through the ordinary
 ``pretrained=<path>`` route of ``CLIPBackbone``. It is cached (not shipped: 32 MB of fp32
-weights, 80 % of them the token-embedding table, and rebuilt bit-for-bit from the seed on
-CPU in a few minutes) under ``$VTR_CACHE/backbones`` with a manifest of the parameters it was
-built with; a cache entry with other parameters is never reused or overwritten.
+weights, 80 % of them the token-embedding table, and rebuilt from the seed on CPU in a few
+minutes) under ``$VTR_CACHE/backbones`` with a manifest of the parameters it was built with,
+its ``backbone_checksum`` and the ``kernel_environment`` that built it; a cache entry with
+other parameters is never reused.
+
+Rebuilt bit-for-bit: on the same torch build and the same CPU kernels (ATen's
+``get_cpu_capability()``, oneDNN's and MKL's ISA); the thread count is fixed by
+``PretrainConfig.threads`` and the data (still frames drawn in numpy, no video files), the
+initialisation and the batch order come from the seed alone. A CPU with other kernels (AVX2
+against AVX-512) gives other last bits from the first step on, and training amplifies them:
+compare ``backbone_checksum`` values, not file hashes.
 
 ``vtr pretrain`` prints the path of the default one (building it first if needed), for
 ``vtr fit ... --model.retriever.init_args.pretrained "$(vtr pretrain)"``.
@@ -22,8 +30,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +64,12 @@ class PretrainConfig:
     num_frames: int = 40_000
     seed: int = 0
     difficulty: str = "easy"
+    threads: int = 2
+    """torch's intra-op threads while pretraining. CPU kernels split reductions (the backward
+    pass's weight and bias gradients) by thread count, so the weights depend on it: one step
+    at 1 and at 2 threads gave 39 of 113 gradients that differ in their last bits, and 30
+    steps different weights. Fixed here, not the machine's core count (torch's default); 2 is
+    the core count of the machine the README's tables were measured on."""
     format_version: int = 1
 
 
@@ -84,14 +100,72 @@ def pretrained_backbone(config: PretrainConfig = PretrainConfig(), cache_dir: st
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    state, final_loss = _train(config, progress)
+    with torch_threads(config.threads):
+        state, final_loss = _train(config, progress)
+        environment = kernel_environment()
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
     minutes = (time.perf_counter() - start) / 60
-    manifest.write_text(json.dumps({"config": asdict(config), "final_loss": final_loss, "minutes": minutes}, indent=1))
+    manifest.write_text(json.dumps({"config": asdict(config), "final_loss": final_loss, "minutes": minutes,
+                                    "checksum": backbone_checksum(path), "built_with": environment}, indent=1))
     log.info("pretrained %s in %.1f min (final loss %.3f) -> %s", config.backbone, minutes, final_loss, path)
     return path
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Runs the block with ``torch.set_num_threads(count)``, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def kernel_environment() -> dict:
+    """What CPU results depend on besides code, data and seed (record it beside them).
+
+    The torch build; ATen's kernel ISA (``torch.backends.cpu.get_cpu_capability()``: AVX512,
+    AVX2 or DEFAULT, the best the CPU has unless ``ATEN_CPU_CAPABILITY`` lowers it); torch's
+    thread count now; whether oneDNN is enabled and the environment variables that pin the
+    ISA of oneDNN (``ONEDNN_MAX_CPU_ISA``) and MKL (``MKL_CBWR``). Two runs with different
+    values here are not expected to agree bit for bit.
+    """
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available() and
+            torch.backends.mkldnn.enabled,
+            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}}
+
+
+def backbone_checksum(path: str | Path) -> str:
+    """``"sha256:<hex>"`` over a checkpoint's tensors, not over the file.
+
+    The state dict (or a Lightning checkpoint's ``state_dict``) is read with
+    ``weights_only=True``; for each entry in sorted name order the digest takes a header
+    (the name, the dtype, the shape) and the tensor's bytes, contiguous, in the machine's byte
+    order (little-endian wherever PyTorch ships).
+    The pickle container is left out: its bytes change with the serialisation format and
+    with how tensors share storage while the weights stay equal. Two machines that built
+    ``vtr-tiny`` to the same checksum start every method from the same weights.
+
+    Raises:
+        TypeError: An entry of the state dict is not a tensor.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{path}: entry {name!r} is not a tensor ({type(tensor).__name__})")
+        tensor = tensor.detach().contiguous().reshape(-1)
+        header = f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(state[name].shape)}\0".encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _train(config: PretrainConfig, progress: bool) -> tuple[dict[str, torch.Tensor], float]:

@@ -199,6 +199,8 @@ def test_argument_errors(root, monkeypatch, tmp_path):
     monkeypatch.setenv("VTR_CACHE", str(tmp_path))
     fresh = VideoTextDataModule(**SMALL)
     assert fresh.root.parent == tmp_path / "synthetic"
+    assert fresh.root.name == f"v{synthetic.FORMAT_VERSION}-easy-seed0-{SMALL['synthetic_num_train']}-" \
+        f"{SMALL['synthetic_num_val']}-{SMALL['synthetic_num_test']}"  # a new format never meets an old folder
     with pytest.raises(RuntimeError, match="prepare_data"):
         fresh.setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):

@@ -193,3 +193,29 @@ def test_write_video_checks_its_input(tmp_path):
         write_video(tmp_path / "odd.mp4", np.zeros((2, 33, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         write_video(tmp_path / "float.mp4", np.zeros((2, 32, 32, 3), dtype=np.float32))
+
+
+def test_rgb_to_yuv420p_is_exact_bt601_limited_range():
+    colours = {(0, 0, 0): (16, 128, 128), (255, 255, 255): (235, 128, 128), (255, 0, 0): (82, 90, 240),
+               (0, 255, 0): (144, 54, 34), (0, 0, 255): (41, 240, 110)}  # Y, Cb, Cr; green's Y is 144.55 exactly
+    for rgb, yuv in colours.items():
+        planes = video.rgb_to_yuv420p(np.full((1, 4, 6, 3), rgb, dtype=np.uint8))
+        assert planes.shape == (1, 6, 6) and planes.dtype == np.uint8
+        assert (planes[0, :4] == yuv[0]).all()  # Y: 4 x 6
+        cb, cr = planes[0, 4:].reshape(-1)[:6], planes[0, 4:].reshape(-1)[6:]  # 2 x 3 each
+        assert (cb == yuv[1]).all() and (cr == yuv[2]).all(), rgb
+    # chroma is the mean of each 2x2 block: one red pixel in four moves Cr a quarter of the way
+    block = np.zeros((1, 2, 2, 3), dtype=np.uint8)
+    block[0, 0, 0] = (255, 0, 0)
+    assert video.rgb_to_yuv420p(block)[0, 2, 1] == 128 + round((240 - 128) / 4)
+
+
+def test_rgb_to_yuv420p_ignores_memory_layout():
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    expected = video.rgb_to_yuv420p(frames)
+    buffer = np.zeros(frames.nbytes + 64, dtype=np.uint8)
+    for offset in (1, 3, 17):
+        shifted = buffer[offset:offset + frames.nbytes].reshape(frames.shape)
+        shifted[:] = frames
+        np.testing.assert_array_equal(video.rgb_to_yuv420p(shifted), expected)
+    np.testing.assert_array_equal(video.rgb_to_yuv420p(np.asfortranarray(frames)), expected)

@@ -85,7 +85,7 @@ class VideoTextDataModule(LightningDataModule):
     Args:
         dataset: Annotation format, a key of ``retrieval.data.formats.READERS``.
         root: Dataset folder. Synthetic: where it is generated (default
-            ``$VTR_CACHE/synthetic/<parameters>``, ``$VTR_CACHE`` defaulting to
+            ``$VTR_CACHE/synthetic/v<FORMAT_VERSION>-<parameters>``, ``$VTR_CACHE`` defaulting to
             ``~/.cache/vtr``). Real datasets: the default of ``annotations_dir`` and, with
             ``/videos`` appended, of ``videos_dir``.
         annotations_dir: Folder of the annotation files (real datasets).
@@ -191,6 +191,7 @@ class VideoTextDataModule(LightningDataModule):
         }
         if dataset == "synthetic":
             tag = "{difficulty}-seed{seed}-{num_train}-{num_val}-{num_test}".format(**self.synthetic_params)
+            tag = f"v{synthetic.FORMAT_VERSION}-{tag}"  # a new format never meets an old folder
             self.root = Path(root).expanduser() if root else default_cache_dir() / "synthetic" / tag
             self.annotations_dir, self.videos_dir = self.root, self.root / synthetic.VIDEOS_DIR
         else:

@@ -3,7 +3,9 @@
 ``sample_indices`` decides which frames of a clip are kept; ``read_frames`` opens the
 file, counts its frames, decodes only the ones the sampler picked and returns them with a
 mask that says which output frames are real. ``write_video`` is the matching encoder used
-by the synthetic benchmark and the tests.
+by the synthetic benchmark and the tests; it converts RGB to yuv420p itself
+(``rgb_to_yuv420p``, exact integer arithmetic), so no FFmpeg colour conversion, whose SIMD
+paths differ between CPUs, sits between the frames and the encoder.
 
 Decode strategy (reference/framework.md §4.2): a clip whose container reports at most
 ``SEQUENTIAL_MAX_FRAMES`` frames is decoded sequentially from the start, stopping after the
@@ -318,6 +320,41 @@ def _decode_seeking(
     return out
 
 
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """RGB to planar YUV 4:2:0 in exact integer arithmetic: the same bytes on every machine.
+
+    BT.601 limited range (what FFmpeg assumes for an untagged yuv420p stream, so decoders
+    convert back with the matching matrix), 8-bit fixed-point coefficients rounded half up::
+
+        Y  = ((  66 R + 129 G +  25 B + 128) >> 8) +  16
+        Cb = (( -38 R -  74 G + 112 B + 128) >> 8) + 128
+        Cr = (( 112 R -  94 G -  18 B + 128) >> 8) + 128
+
+    Chroma is taken from the sum of each 2x2 block (the ``+ 128 >> 8`` becoming ``+ 512 >> 10``),
+    i.e. the block's mean, sited at its centre.
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]`` with even ``H`` and ``W``.
+
+    Returns:
+        uint8 ``[T, H * 3 // 2, W]``: per frame the Y plane, then U and V (each ``H/2 x W/2``,
+        flattened row-major), the layout ``av.VideoFrame.from_ndarray(..., format="yuv420p")`` takes.
+    """
+    count, height, width = frames.shape[:3]
+    rgb = frames.astype(np.int32)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    luma = ((66 * red + 129 * green + 25 * blue + 128) >> 8) + 16
+
+    def block_sum(channel: np.ndarray) -> np.ndarray:
+        return channel.reshape(count, height // 2, 2, width // 2, 2).sum(axis=(2, 4))
+
+    red, green, blue = block_sum(red), block_sum(green), block_sum(blue)
+    cb = ((-38 * red - 74 * green + 112 * blue + 512) >> 10) + 128
+    cr = ((112 * red - 94 * green - 18 * blue + 512) >> 10) + 128
+    planes = [plane.reshape(count, -1) for plane in (luma, cb, cr)]
+    return np.concatenate(planes, axis=1).astype(np.uint8).reshape(count, height * 3 // 2, width)
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray,
@@ -327,6 +364,11 @@ def write_video(
     options: dict[str, str] | None = None,
 ) -> Path:
     """Encodes uint8 RGB frames ``[T, H, W, 3]`` into a yuv420p video file with PyAV.
+
+    The frames are converted to yuv420p by ``rgb_to_yuv420p`` and handed to the encoder as
+    such (FFmpeg's swscale converts nothing). Whether the output bytes are reproducible is up
+    to the encoder and its ``options``: see ``retrieval.data.synthetic.ENCODER_OPTIONS`` for
+    libx264 settings that make them so.
 
     Args:
         path: Output file; its suffix picks the container (``.mp4``).
@@ -354,7 +396,7 @@ def write_video(
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = dict(options or {})
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for image in rgb_to_yuv420p(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="yuv420p")))
         container.mux(stream.encode())
     return path
