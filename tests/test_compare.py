@@ -186,6 +186,21 @@ def test_paired_rows_compare_each_method_with_the_reference_per_seed_and_pooled(
         assert difference == pytest.approx(statistics.fmean(gaps))
 
 
+def test_paired_only_reads_a_finished_run_against_another_reference(seeds_run):
+    """``--paired-only``: no training, the saved per-query results against another reference;
+    swapping method and reference negates every difference."""
+    run, _ = seeds_run
+    compare.main(["compare", "--out", str(run), "--paired-only", "--reference", "seqtransf"])
+    swapped = {(r["metric"], r["seed"]): r for r in read_csv(run / "paired_seqtransf.csv")}
+    for row in read_csv(run / "paired.csv"):
+        other = swapped[row["metric"], row["seed"]]
+        assert (other["method"], other["reference"]) == ("meanpool", "seqtransf")
+        assert float(other["difference"]) == pytest.approx(-float(row["difference"]))
+        assert float(other["lo"]) <= float(other["difference"]) <= float(other["hi"])
+    with pytest.raises(ValueError, match="not among"):
+        compare.main(["compare", "--out", str(run), "--paired-only", "--reference", "xclip"])
+
+
 def test_provenance_records_versions_cpu_threads_and_checksums(seeds_run):
     run, _ = seeds_run
     record = json.loads((run / "provenance.json").read_text())

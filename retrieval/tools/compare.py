@@ -83,7 +83,7 @@ from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
 from retrieval.recipes import build_retriever, read_recipe
 from retrieval.retriever import Retriever
-from retrieval.tools.compare_report import write_outputs
+from retrieval.tools.compare_report import paired_report, write_outputs
 from retrieval.tools.compare_stats import ACCURACY, PER_QUERY_FILE, provenance, query_scores, save_per_query
 from retrieval.tools.index import encode_split
 from retrieval.tools.wandb_log import MODES, log_tables
@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--qb-norm", action="store_true", help="also report t2v+QB (QB-Norm, querybank of training captions)")
     parser.add_argument("--querybank-size", type=int, default=5000, help="training captions in QB-Norm's querybank")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="no training: the finished run in --out against --reference, from its per-query results")
     parser.add_argument("--wandb", nargs="?", const="offline", choices=MODES,
                         help="also log the table and plot to wandb (offline unless 'online')")
     options = list(sys.argv[1:] if argv is None else argv)
@@ -267,6 +269,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seeds = args.seeds or [0 if args.seed is None else args.seed]
     if len(set(seeds)) < len(seeds):
         parser.error(f"--seeds repeats a seed: {seeds}")
+    if args.paired_only:  # a finished run against another reference, from its saved per-query results
+        if args.reference is None:
+            parser.error("--paired-only needs --reference")
+        print(f"wrote {paired_report(args.out, args.reference)}")
+        return []
 
     if args.threads:
         torch.set_num_threads(args.threads)

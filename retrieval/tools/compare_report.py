@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from retrieval.tools.compare_plot import plot
-from retrieval.tools.compare_stats import paired_rows, summary_rows
+from retrieval.tools.compare_stats import PER_QUERY_FILE, load_per_query, paired_rows, query_scores, summary_rows
 
 console = Console()
 
@@ -83,3 +83,31 @@ def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     for row in rows:
         table.add_row(*[_cell(row, c) for c in columns])
     Console(width=max(console.width, 180)).print(table)
+
+
+def paired_report(out: Path, reference: str) -> Path:
+    """Each method of a finished ``vtr compare`` run in ``out`` minus ``reference`` on the same
+    queries, from the per-query results it saved (no training): ``paired_<reference>.csv``.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no ``results.csv``, or a method's per-query file is missing.
+        ValueError: ``reference`` is not one of its methods.
+    """
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    if reference not in methods:
+        raise ValueError(f"--reference {reference} is not among the methods of {out}: {methods}")
+    seeds = list(dict.fromkeys(int(row.get("seed") or 0) for row in rows))
+    folder = (lambda seed: out) if len(seeds) == 1 else (lambda seed: out / f"seed{seed}")
+    scores = {(seed, method): query_scores(load_per_query(folder(seed) / method / "checkpoints" / PER_QUERY_FILE))
+              for seed in seeds for method in methods}
+    paired = paired_rows(methods, seeds, reference, scores)
+    for row in paired:
+        row["excludes_zero"] = "yes" if row["excludes_zero"] else "no"
+    path = out / f"paired_{reference}.csv"
+    _write_csv(path, paired, list(paired[0]) if paired else ["method", "reference", "metric"])
+    _print_table(f"minus {reference} on the same queries: difference [95 % CI]", paired,
+                 ["method", "metric", "seed", "queries", "difference", "excludes_zero"])
+    return path
+
