@@ -15,12 +15,12 @@
   and, with several seeds, pooled the same stratified way (``seed = "all"``).
 - **Provenance** (:func:`provenance`): what two machines must share for their runs to be
   comparable (versions, CPU, threads, kernels' instruction set) and checksums of the inputs
-  (:func:`file_sha256` of the pretrained backbone, :func:`tree_sha256` of each generated dataset).
+  (``retrieval.pretrain.backbone_checksum`` of the pretrained backbone's tensors,
+  ``retrieval.data.synthetic.dataset_checksum`` of each generated dataset).
 """
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import statistics
 import subprocess
@@ -32,32 +32,13 @@ from torch import Tensor
 
 import retrieval
 from retrieval.bench.results import device_name
+from retrieval.data.synthetic import dataset_checksum
 from retrieval.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bootstrap_means, paired_difference
+from retrieval.pretrain import backbone_checksum
 
 ACCURACY = ("t2v_R@1", "t2v_R@5", "static_R@1", "temporal_R@1", "temporal_pair_acc")
 PAIRED = ("t2v_R@1", "temporal_pair_acc")  # the columns compared against the reference
 PER_QUERY_FILE = "per_query.safetensors"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tree_sha256(root: str | Path) -> str:
-    """Hex sha256 of every file under ``root``, names and bytes: the sha256 of the
-    ``sha256sum`` listing of the files in sorted relative-path order, i.e. what
-    ``cd ROOT && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum | sha256sum`` prints."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-    listing = "".join(f"{file_sha256(path)}  {name}\n" for name, path in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def save_per_query(per_query: dict[str, Tensor], path: Path, **metadata: str) -> None:
@@ -166,6 +147,6 @@ def provenance(backbone: Path, data_roots: dict[int, Path], **run: object) -> di
         "device": device_name(torch.device("cpu")), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
         "platform": platform.platform(),
-        "backbone": {"path": str(backbone), "sha256": file_sha256(backbone)},
-        "data": {str(seed): {"root": str(root), "sha256": tree_sha256(root)} for seed, root in data_roots.items()},
+        "backbone": {"path": str(backbone), "checksum": backbone_checksum(backbone)},
+        "data": {str(seed): {"root": str(root), "checksum": dataset_checksum(root)} for seed, root in data_roots.items()},
     }
