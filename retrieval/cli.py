@@ -15,7 +15,9 @@ What the CLI adds to LightningCLI:
 - each run keeps its ``config.yaml`` in its own folder, beside its logs and checkpoints, and
   never writes over another run's;
 - ``checkpoints/last.ckpt`` is rewritten at every validation, and ``--ckpt_path last`` is the
-  newest one of a run with the same model and data (an error if there is none). ``fit``
+  newest one of a run with the same model, data, seed and logger name (an error if there is
+  none), or, under SLURM, the ``hpc_ckpt_N.ckpt`` that Lightning's auto-requeue saved in
+  ``default_root_dir`` at the requeue signal when it is newer and continues that run. ``fit``
   continues that run where it stopped, mid-epoch included (``PairBatchSampler`` restores its
   position, ``RetrievalModule`` the torch random states): with deterministic training frames
   (``train_sampling: uniform``) the weights end bit-identical to an uninterrupted run; with
@@ -23,11 +25,19 @@ What the CLI adds to LightningCLI:
   fetches the first resumed batch before the random states are back). Its checkpoints,
   selection state included, stay in the run's ``checkpoints/``; the resumed part logs to a new
   folder with its own config (CSVLogger would delete the old metrics).
+- ``fit --test_after_fit true`` tests the checkpoint selected on validation (the first
+  ``ModelCheckpoint`` monitoring a ``val/`` metric) in the same process, into the same logger;
+  that and ``vtr test`` end by writing ``test_results.json`` in the run's folder (the tested
+  checkpoint, the monitor that selected it, the test metrics): the mark of a finished run that
+  ``vtr sweep`` skips and ``vtr results`` collects;
+- with a wandb logger the whole config is logged to the wandb run too (rank 0; Lightning's
+  loggers log only on rank 0 under DDP).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from argparse import RawDescriptionHelpFormatter
@@ -39,6 +49,7 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from retrieval.data.datamodule import MODEL_SETTINGS, VideoTextDataModule
 from retrieval.training import RetrievalModule
@@ -50,6 +61,7 @@ TOOLS = {
     "index": "retrieval.tools.index",
     "search": "retrieval.tools.search",
     "sweep": "retrieval.tools.sweep",
+    "results": "retrieval.tools.results",
     "prepare": "retrieval.tools.prepare",
     "pretrain": "retrieval.pretrain",
 }
@@ -61,7 +73,8 @@ TOOLS_HELP = """tools (vtr TOOL --help):
   bench     latency (per-query time against gallery size, beside the compute and read floors) | metrics | loader
   index     encode the videos of a split once: the offline per-video features, written to a file
   search    rank an index's videos for typed queries
-  sweep     a local grid of `vtr fit` runs (experiments/sweeps/)
+  sweep     a grid of `vtr fit` runs, each tested on its val-selected checkpoint, resumable (experiments/sweeps/)
+  results   one table (mean ± std over seeds, 95 % CI) from finished runs, compare and sweep folders
   prepare   re-encode a video folder as the CLIP4Clip lineage does (3 fps, short side 224)
   pretrain  print the path of the vtr-tiny pretrained on synthetic frames (building it on first use)"""
 
@@ -97,6 +110,11 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(path), skip_none=False, multifile=self.multifile)
+            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+            if wandb_loggers:  # the whole config, beside the module's hyperparameters, in the wandb run's config
+                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                for logger in wandb_loggers:
+                    logger.log_hyperparams({"vtr": config})
         self.already_saved = True
 
 
@@ -111,6 +129,8 @@ class VTRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Postprocess, "postprocess")  # --postprocess.dsl / .qb_norm: labelled test rows
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit: then test the checkpoint selected on validation (and write test_results.json)")
         parser.set_defaults(
             {
                 "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -128,6 +148,36 @@ class VTRCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         self._check_eval_frames()
+
+    # ------------------------------------------------------------------ test after fit, the finished mark
+    def after_fit(self) -> None:
+        """``--test_after_fit``: test the checkpoint selected on validation, never on test."""
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        selectors = [c for c in self.trainer.checkpoint_callbacks
+                     if isinstance(c, ModelCheckpoint) and str(c.monitor or "").startswith("val/")]
+        if not selectors or not selectors[0].best_model_path:
+            raise RuntimeError("--test_after_fit: no checkpoint was selected on a val/ metric (did validation run?)")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=selectors[0].best_model_path)
+        self.after_test()
+
+    def after_test(self) -> None:
+        """``test_results.json`` in the run's folder: what was tested, selected by what, and the
+        test metrics (rank 0)."""
+        folder = run_folder(self.trainer)
+        if not self.trainer.is_global_zero:
+            return
+        from retrieval.selection import TEST_RESULTS, selected_by
+
+        ckpt = self.trainer.ckpt_path
+        record = {
+            "checkpoint": str(ckpt) if ckpt else None,
+            "monitor": selected_by(ckpt) if ckpt else None,
+            "seed": self.config[self.subcommand].get("seed_everything"),
+            "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TEST_RESULTS).write_text(json.dumps(record, indent=1) + "\n")
 
     # ------------------------------------------------------------------ linked settings
     def _error(self, message: str) -> None:
@@ -185,8 +235,9 @@ class VTRCLI(LightningCLI):
 
     # ------------------------------------------------------------------ --ckpt_path last
     def _resolve_last(self, config) -> None:
-        """``last`` -> the newest ``last.ckpt`` of a run with this model and data; ``fit`` keeps
-        saving into that run's ``checkpoints/`` (so its selection state is restored too)."""
+        """``last`` -> the newest ``last.ckpt`` of a run with this model, data, seed and logger name
+        (or a newer SLURM requeue checkpoint of that run); ``fit`` keeps saving into that run's
+        ``checkpoints/`` (so its selection state is restored too)."""
         logger = config.trainer.logger
         if isinstance(logger, list):
             logger = logger[0] if logger else None
@@ -195,7 +246,7 @@ class VTRCLI(LightningCLI):
             path = root_dir / "checkpoints" / "last.ckpt"
             if not path.is_file():
                 self._error(f"--ckpt_path last: there is no {path}")
-            config.ckpt_path = str(path)
+            config.ckpt_path = str(_newer_hpc_checkpoint(root_dir, path))
             return
         if not hasattr(logger, "class_path"):
             self._error("--ckpt_path last needs trainer.logger given as class_path + init_args (or no logger)")
@@ -210,6 +261,7 @@ class VTRCLI(LightningCLI):
                 break
         else:
             self._error(_no_last_message(root, candidates, current))
+        path = _newer_hpc_checkpoint(root_dir, path)
         config.ckpt_path = str(path)
         if self.subcommand == "fit":
             self._continue_checkpoints(path)
@@ -227,9 +279,27 @@ class VTRCLI(LightningCLI):
         return _sections(yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False)))
 
 
+def _newer_hpc_checkpoint(root_dir: Path, last: Path) -> Path:
+    """Lightning's SLURM auto-requeue checkpoint (``hpc_ckpt_N.ckpt`` in ``default_root_dir``,
+    saved when the requeue signal came) instead of ``last`` when it is newer and continues the
+    same run (its checkpoint callbacks save into the same folder); else ``last``."""
+    from retrieval.selection import callback_states
+
+    hpc = sorted(root_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not hpc or hpc[-1].stat().st_mtime <= last.stat().st_mtime:
+        return last
+    folders = [{s.get("dirpath") for k, s in callback_states(p).items() if k.startswith("ModelCheckpoint")}
+               for p in (hpc[-1], last)]
+    return hpc[-1] if folders[0] == folders[1] else last
+
+
 def _sections(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: the model and the data sections, flattened."""
-    return _flat({key: config.get(key) for key in ("model", "data")})
+    """What makes two runs the same run: the model and the data sections, the seed and the
+    logger's name (a wandb run's name: wandb runs of every name share one folder), flattened."""
+    logger = (config.get("trainer") or {}).get("logger")
+    name = (logger.get("init_args") or {}).get("name") if isinstance(logger, dict) else None
+    sections = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+    return _flat({**sections, "logger_name": name})
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -248,8 +318,8 @@ def _no_last_message(root: Path, candidates: list[Path], current: dict[str, Any]
     other = _sections(yaml.safe_load(saved.read_text()))
     differ = sorted(k for k in current.keys() | other.keys() if current.get(k) != other.get(k))
     shown = ", ".join(f"{k.rstrip('.')}: {other.get(k)!r} there, {current.get(k)!r} here" for k in differ[:4])
-    return (f"--ckpt_path last: no run under {root} has this model and data (the newest, {newest}, differs in "
-            f"{shown}); pass its path as --ckpt_path to resume it anyway")
+    return (f"--ckpt_path last: no run under {root} has this model, data, seed and logger name (the newest, "
+            f"{newest}, differs in {shown}); pass its path as --ckpt_path to resume it anyway")
 
 
 def lightning_main(args: list[str] | None = None) -> VTRCLI:

@@ -202,7 +202,8 @@ class RetrievalMetrics(Metric):
         out = {"t2v_ranks": ranks, "v2t_ranks": v2t}
         kinds, wins = (state if isinstance(state, Tensor) else torch.cat(state) if state else None
                        for state in (self.query_kind, self.pair_wins))
-        if kinds is not None:
+        # under DDP the sync turns an empty list state into an empty tensor: no kinds either way
+        if kinds is not None and len(kinds):
             out.update(query_kind=kinds, pair_wins=wins)
         return out
 

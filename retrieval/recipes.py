@@ -149,12 +149,8 @@ def build_retriever(
                     context_length(backbone))
         init_args["max_words"] = context_length(backbone)
     config["init_args"] = init_args
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(Retriever, "retriever", required=True)
-    parsed = parser.parse_object({"retriever": config})
     L.seed_everything(seed, verbose=False)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    retriever = instantiate(parsed).retriever
+    retriever = Retriever.from_config(config)
     if ckpt is not None:
         load_weights(retriever, ckpt)
     return retriever.eval()

@@ -85,6 +85,17 @@ class Retriever(nn.Module):
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self._init_args)}
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Retriever:
+        """The retriever a ``{class_path, init_args}`` config (:attr:`config`, a recipe's
+        ``model.retriever``) describes, built by the parser ``vtr fit`` builds it with."""
+        from jsonargparse import ArgumentParser  # the CLI's parser: a retriever built in code never needs it
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(cls, "retriever", required=True)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+        return instantiate(parser.parse_object({"retriever": config})).retriever
+
     # ------------------------------------------------------------------ the three stages
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         """Text-independent video features (offline, once per video)."""

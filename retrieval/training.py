@@ -84,6 +84,8 @@ class RetrievalModule(L.LightningModule):
     def __init__(self, retriever: Retriever, optim: OptimConfig = OptimConfig(),
                  eval_chunk_size: int | None = None) -> None:
         super().__init__()
+        if isinstance(retriever, dict):  # a checkpoint's hparams (load_from_checkpoint): its saved config
+            retriever = Retriever.from_config(retriever)
         if isinstance(optim, dict):  # a checkpoint's hparams
             optim = OptimConfig(**{**optim, "betas": tuple(optim.get("betas", OptimConfig.betas))})
         self.retriever = retriever

@@ -70,14 +70,18 @@ class FakeVideoText(L.LightningDataModule):
 
 
 def t2v_by_hand(model, data: FakeVideoText) -> dict[str, float]:
-    """t2v R@1 and MnR of ``model`` on ``data``, computed apart from the evaluation loop and the metric code.
+    """t2v R@1 and MnR of ``model`` (a ``Retriever``, or a ``RetrievalModule`` holding one) on
+    ``data``, computed apart from the evaluation loop and the metric code.
 
-    Every caption is scored against every video in one ``score`` call; the rank of the positive is
-    1 + the videos scoring strictly higher + the other videos tying with it (DESIGN.md).
+    Every caption is scored against every video (``encode_video`` then ``prepare_gallery``, as
+    evaluation does) in one ``score`` call; the rank of the positive is 1 + the videos scoring
+    strictly higher + the other videos tying with it (DESIGN.md).
     """
     model.eval()
+    retriever = getattr(model, "retriever", model)
     with torch.no_grad():
-        scores = model.score(model.encode_text(data.tokens), model.encode_video(data.frames, data.frame_mask))
+        video = retriever.prepare_gallery(retriever.encode_video(data.frames, data.frame_mask))
+        scores = retriever.score(retriever.encode_text(data.tokens), video)
     positive = scores.gather(1, data.caption_video[:, None])  # [Q, 1]
     ranks = 1 + (scores > positive).sum(1) + (scores == positive).sum(1) - 1
     return {"t2v/R@1": 100.0 * (ranks == 1).double().mean().item(), "t2v/MnR": ranks.double().mean().item()}

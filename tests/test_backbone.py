@@ -12,6 +12,7 @@ from torch import nn
 
 from retrieval.backbone import CLIPBackbone, weights_quick_gelu
 from retrieval.recipes import build_retriever, read_recipe
+from retrieval.training import RetrievalModule
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "model").glob("*.yaml"))
 
@@ -145,11 +146,11 @@ def test_contradictions_name_the_option(tmp_path, no_download):
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_runs_the_activation_of_its_weights(recipe, no_download):
     """With OpenAI's weights (download stubbed), both towers and every copied head block run QuickGELU."""
-    init_args = read_recipe(recipe)["model"]["init_args"]
+    init_args = read_recipe(recipe)["model"]["retriever"]["init_args"]
     assert (init_args["backbone"], init_args["pretrained"]) == ("ViT-B-32", "openai")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*QuickGELU mismatch")  # open_clip's warning must not fire
-        model = build_retriever(read_recipe(recipe)["model"])
+        model = build_retriever(read_recipe(recipe)["model"]["retriever"])
     assert no_download == ["stub:timm/vit_base_patch32_clip_224.openai/"]  # the tag's weights were loaded
     acts = activations(model)
     heads = [name for name in acts if not name.startswith("clip.")]
@@ -163,10 +164,11 @@ def test_a_rebuild_without_the_weights_keeps_their_activation(tmp_path):
     """``vtr index``/``vtr bench`` rebuild a recipe with ``pretrained=None`` and load a checkpoint
     over it: the activation must still be the one OpenAI's weights were trained with, and a
     checkpoint's hyperparameters carry the activation built."""
-    recipe = read_recipe(RECIPES[0])["model"]
+    recipe = read_recipe(RECIPES[0])["model"]["retriever"]
     model = build_retriever(recipe, {"pretrained": None, "num_frames": 2, "max_words": 8})
     assert model.clip.quick_gelu and set(activations(model).values()) == {QuickGELU}
-    assert model.hparams["quick_gelu"] is True
+    assert model.config["init_args"]["quick_gelu"] is True
+    assert RetrievalModule(model).hparams["retriever"]["init_args"]["quick_gelu"] is True  # what a checkpoint saves
     # another backbone, or an explicit activation, is the user's choice and is kept
     assert not build_retriever(recipe, {"backbone": "vtr-micro", "pretrained": None}).clip.quick_gelu
     assert not build_retriever(recipe, {"pretrained": None, "quick_gelu": False}).clip.quick_gelu

@@ -235,7 +235,7 @@ grid:
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     assert all(f"retrieval.cli fit --config {MEANPOOL} --model.retriever.init_args.backbone=vtr-tiny" in line for line in lines)
-    assert all(line.endswith("--trainer.fast_dev_run=true") for line in lines)
+    assert all("--trainer.fast_dev_run=true --trainer.logger.init_args.save_dir=" in line for line in lines)
     assert "--model.optim.lr=0.0003 --trainer.max_epochs=1" in lines[2]
 
 
@@ -251,7 +251,7 @@ def test_committed_sweep_files_parse(monkeypatch):
     local = sweep.read_grid(ROOT / "experiments/sweeps/grid_seqtransf.yaml")
     assert len(sweep.expand(local)) == 4
     wandb = read_yaml(ROOT / "experiments/sweeps/wandb_seqtransf.yaml")
-    assert wandb["command"][:2] == ["vtr", "fit"] and wandb["command"][-1] == "${args}"
+    assert wandb["command"][:2] == ["vtr", "sweep"] and wandb["command"][-2:] == ["--point", "${args}"]
 
 
 def read_yaml(path: Path) -> dict:

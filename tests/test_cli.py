@@ -9,14 +9,17 @@ import pytest
 import torch
 import yaml
 
-from retrieval.recipes import build_retriever, read_checkpoint, read_recipe
 from retrieval.cli import VTRCLI, lightning_main, main
 from retrieval.data.datamodule import VideoTextDataModule
-from retrieval.module import RetrievalModule
+from retrieval.recipes import (build_retriever, checkpoint_recipe, model_fingerprint, read_checkpoint, read_recipe,
+                               retriever_from_checkpoint)
+from retrieval.retriever import Retriever
+from retrieval.training import RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "experiments" / "model").glob("*.yaml"))
-RECIPES = METHODS + sorted((ROOT / "experiments" / "ablations").glob("*.yaml"))
+VARIANTS = sorted((ROOT / "experiments" / "ablations").glob("*.yaml"))
+RECIPES = METHODS + VARIANTS
 # DESIGN.md: Prompt Switch, CLIP2Video, STAN and CLIP4Clip (meanP, seqTransf) are fusion-free;
 # X-CLIP, X-Pool, GLCCL and CLIP4Clip tightTransf are text-conditioned
 FUSION_FREE = {
@@ -26,10 +29,20 @@ FUSION_FREE = {
 }
 
 
+def recipe_files(path: Path) -> list[Path]:
+    """A recipe, or a variant (experiments/ablations/, only its change) after the recipe it varies:
+    the method whose stem its own stem starts with."""
+    if path.parent.name != "ablations":
+        return [path]
+    (base,) = [m for m in METHODS if path.stem.startswith(m.stem + "_")]
+    return [base, path]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_builds_on_the_tiny_backbone(recipe):
-    model = build_retriever(read_recipe(recipe)["model"], {"backbone": "vtr-tiny", "pretrained": None})
-    assert isinstance(model, RetrievalModule)
+    model = build_retriever(read_recipe(*recipe_files(recipe))["model"]["retriever"],
+                            {"backbone": "vtr-tiny", "pretrained": None})
+    assert isinstance(model, Retriever)
     assert model.fusion_free is FUSION_FREE[recipe.stem]
 
 
@@ -43,7 +56,7 @@ def test_fit_then_test_on_generated_data(tmp_path):
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.enable_progress_bar", "false",
     ]
-    model = ["--model", "baselines.clip4clip.SeqTransf", "--model.num_frames", "4"]
+    model = ["--model.retriever.class_path", "baselines.clip4clip.SeqTransf", "--model.retriever.init_args.num_frames", "4"]
     main(["fit", *common, *model, "--trainer.max_steps", "2"])
     version = tmp_path / "runs" / "lightning_logs" / "version_0"
     best = sorted((version / "checkpoints").glob("best-*.ckpt"))
@@ -51,10 +64,9 @@ def test_fit_then_test_on_generated_data(tmp_path):
     # the whole checkpoint is tensors and plain data (hparams included): the tools read it weights-only
     checkpoint = read_checkpoint(best[0])
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["optim"]["lr"] > 0 and hparams["_class_path"] == "baselines.clip4clip.SeqTransf"
-    rebuilt = build_retriever({"class_path": hparams["_class_path"],
-                            "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}, ckpt=best[0])
-    assert all(torch.equal(t, checkpoint["state_dict"][k]) for k, t in rebuilt.state_dict().items())
+    assert hparams["optim"]["lr"] > 0 and hparams["retriever"]["class_path"] == "baselines.clip4clip.SeqTransf"
+    rebuilt = build_retriever(hparams["retriever"], ckpt=best[0])
+    assert all(torch.equal(t, checkpoint["state_dict"][f"retriever.{k}"]) for k, t in rebuilt.state_dict().items())
     main(["test", "--config", str(version / "config.yaml"), "--ckpt_path", str(best[0]),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "test_runs")])
     metrics = (tmp_path / "test_runs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
@@ -71,32 +83,33 @@ def _refused(capsys, *args) -> str:
 
 @pytest.mark.parametrize("recipe", METHODS, ids=[p.stem for p in METHODS])
 def test_recipes_set_frames_words_and_backbone_once(recipe):
-    cli = VTRCLI(RetrievalModule, VideoTextDataModule, subclass_mode_model=True, run=False, args=[
+    cli = VTRCLI(RetrievalModule, VideoTextDataModule, run=False, args=[
         "--config", str(recipe), "--config", str(ROOT / "experiments/data/synthetic.yaml"),
-        "--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null",
-        "--model.init_args.num_frames", "6", "--model.init_args.max_words", "16", "--data.frame_segments", "6"])
-    init = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+        "--model.retriever.init_args.backbone", "vtr-micro", "--model.retriever.init_args.pretrained", "null",
+        "--model.retriever.init_args.num_frames", "6", "--model.retriever.init_args.max_words", "16", "--data.frame_segments", "6"])
+    init = yaml.safe_load(recipe.read_text())["model"]["retriever"]["init_args"]
     data = cli.datamodule.hparams
     assert (data.backbone, data.num_frames, data.max_words) == ("vtr-micro", 6, 16)
-    assert (cli.model.clip.name, cli.model.num_frames, cli.model.max_words) == ("vtr-micro", 6, 16)
+    retriever = cli.model.retriever
+    assert (retriever.clip.name, retriever.num_frames, retriever.max_words) == ("vtr-micro", 6, 16)
     assert cli.datamodule.eval_num_frames == init.get("eval_num_frames", 6)
 
 
 def test_linked_settings_are_refused_on_the_data_side(tmp_path, capsys):
     seqtransf = str(ROOT / "experiments/model/seqtransf.yaml")
     err = _refused(capsys, "--config", seqtransf, "--data.num_frames", "8")
-    assert '"data.num_frames" must be given via "model.init_args.num_frames"' in err
+    assert '"data.num_frames" must be given via "model.retriever.init_args.num_frames"' in err
     old = tmp_path / "old_data.yaml"
     old.write_text("data:\n  dataset: synthetic\n  num_frames: 8\n")
     err = _refused(capsys, "--config", seqtransf, "--config", str(old))
-    assert f"{old}: data.num_frames=8 contradicts model.init_args.num_frames=12" in err
+    assert f"{old}: data.num_frames=8 contradicts model.retriever.init_args.num_frames=12" in err
     err = _refused(capsys, "--config", str(ROOT / "experiments/model/prompt_switch.yaml"), "--data.eval_num_frames", "6")
-    assert "data.eval_num_frames=6 contradicts model.init_args.eval_num_frames=12" in err
-    micro = ["--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null"]
+    assert "data.eval_num_frames=6 contradicts model.retriever.init_args.eval_num_frames=12" in err
+    micro = ["--model.retriever.init_args.backbone", "vtr-micro", "--model.retriever.init_args.pretrained", "null"]
     err = _refused(capsys, "--config", str(ROOT / "experiments/model/xclip.yaml"), *micro, "--data.eval_num_frames", "8")
-    assert "data.eval_num_frames=8 does not fit XCLIP (model.init_args.num_frames=12)" in err
-    err = _refused(capsys, "--config", str(ROOT / "experiments/model/xpool.yaml"), *micro, "--model.init_args.num_frames", "6")
-    assert "model.init_args.num_frames=6 is not a multiple of data.frame_segments=12" in err
+    assert "data.eval_num_frames=8 does not fit XCLIP (model.retriever.init_args.num_frames=12)" in err
+    err = _refused(capsys, "--config", str(ROOT / "experiments/model/xpool.yaml"), *micro, "--model.retriever.init_args.num_frames", "6")
+    assert "model.retriever.init_args.num_frames=6 is not a multiple of data.frame_segments=12" in err
 
 
 def test_help_lists_the_tools_and_no_predict(capsys):
@@ -117,8 +130,8 @@ def _tiny_run(tmp_path, save_dir, *extra) -> list[str]:
     return [
         "fit", "--config", str(ROOT / "experiments/model/tighttransf.yaml"),
         "--config", str(ROOT / "experiments/data/synthetic.yaml"), "--config", str(ROOT / "experiments/trainer/cpu.yaml"),
-        "--model.init_args.backbone", "vtr-micro", "--model.init_args.pretrained", "null",
-        "--model.init_args.num_frames", "4", "--model.init_args.num_cross_layers", "1",
+        "--model.retriever.init_args.backbone", "vtr-micro", "--model.retriever.init_args.pretrained", "null",
+        "--model.retriever.init_args.num_frames", "4", "--model.retriever.init_args.num_cross_layers", "1",
         "--data.root", str(tmp_path / "synthetic"), "--data.synthetic_num_train", "40",
         "--data.synthetic_num_val", "8", "--data.synthetic_num_test", "8", "--data.batch_size", "8",
         "--data.train_sampling", "uniform",
@@ -126,6 +139,35 @@ def _tiny_run(tmp_path, save_dir, *extra) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
         *extra,
     ]
+
+
+def test_a_fit_checkpoint_alone_rebuilds_the_trained_retriever(tmp_path):
+    # LightningCLI hands RetrievalModule its own "given" hyperparameters (the parsed config and an
+    # `_instantiator`); the module saves an explicit dict instead: the retriever's config as built
+    cli = lightning_main(_tiny_run(tmp_path, tmp_path / "runs", "--trainer.max_steps", "2"))
+    trained = cli.model.retriever
+    last = tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = read_checkpoint(last)  # weights-only: plain data
+    assert checkpoint["global_step"] == cli.trainer.global_step == 2  # the final weights
+    hparams = checkpoint["hyper_parameters"]
+    assert set(hparams) == {"retriever", "optim", "eval_chunk_size"}
+    assert hparams["retriever"] == trained.config
+    assert hparams["retriever"]["class_path"] == "baselines.clip4clip.TightTransf"
+    assert hparams["retriever"]["init_args"]["quick_gelu"] is False  # the activation as built, not None
+    assert (hparams["retriever"]["init_args"]["num_cross_layers"], hparams["optim"]["lr"]) == (1, 1e-4)
+    assert all(key.startswith("retriever.") for key in checkpoint["state_dict"])
+    recipe = checkpoint_recipe(last)
+    assert recipe["model"]["retriever"] == trained.config
+    assert not any(key.startswith("_") for key in recipe["data"])
+    assert (recipe["data"]["num_frames"], recipe["data"]["backbone"]) == (4, "vtr-micro")
+
+    rebuilt = retriever_from_checkpoint(last)  # from the checkpoint alone: no recipe, no CLI
+    assert type(rebuilt) is type(trained) and not rebuilt.training
+    assert rebuilt.config == trained.config
+    assert model_fingerprint(rebuilt) == model_fingerprint(trained)
+    expected = trained.state_dict()
+    assert rebuilt.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in rebuilt.state_dict().items())
 
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, capsys):
@@ -146,7 +188,11 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, capsys):
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     val = {k: float(v) for k, v in whole.trainer.callback_metrics.items() if k.startswith("val/")}
-    assert len(val) == 11 + 3  # the retrieval metrics and val/t2v_R1, plus the synthetic views
+    points = {k for k in val if not k.endswith(("_lo", "_hi"))}
+    assert len(points) == 11 + 3  # the retrieval metrics and val/t2v_R1, plus the synthetic views
+    # every R@K (6), static / temporal R@1 (2) and the pair accuracy (1) carry their interval
+    assert {k for k in val if k.endswith("_lo")} == {f"{k}_lo" for k in points if "R@" in k or "pair_acc" in k} \
+        and len(val) == len(points) + 2 * 9
     assert {k: float(v) for k, v in resumed.trainer.callback_metrics.items() if k.startswith("val/")} == val
     # the resumed part logs beside its own config; the checkpoints stay with the run it continues
     config = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())

@@ -9,6 +9,7 @@ from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.clip2video import CLIP2Video
 from baselines.clip4clip import MeanPool
+from retrieval.training import RetrievalModule
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def b32():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return CLIP2Video("vtr-tiny").eval()
+    return CLIP2Video(backbone="vtr-tiny").eval()
 
 
 def _batch(b=3, t=6, size=64, seed=0):
@@ -61,10 +62,10 @@ def test_one_dot_product_is_the_mixed_score(tiny):
     frames, mask, tokens = _batch()
     with torch.no_grad():
         video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
-        assert list(video) == ["embedding"] and list(text) == ["sentence"]
+        assert list(video) == ["embedding"] and list(text) == ["embedding"]
         scale = tiny.logit_scale()
         assert scale > 0
-        torch.testing.assert_close(tiny.score(text, video), scale * text.sentence @ video.embedding.T)
+        torch.testing.assert_close(tiny.score(text, video), scale * text.embedding @ video.embedding.T)
         # the two branches computed separately
         x = tiny.clip.encode_frames(frames)
         v_glob = tiny.global_embedding(x, mask)
@@ -82,7 +83,11 @@ def test_training_loss_is_the_official_two_term_mix(tiny):
     frames, mask, tokens = _batch()
     with torch.no_grad():
         video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
-        loss = tiny.contrastive_loss(text, video) + tiny.auxiliary_losses({}, text, video)["tab"]
+        assert tiny.loss_weights == {"contrastive": 0.5, "tab": 0.5}
+        module = RetrievalModule(tiny)
+        terms, _ = module.contrastive_losses(text, video)
+        assert set(terms) == {"contrastive", "tab"}
+        loss = terms["contrastive"] + terms["tab"]
         # the branch embeddings computed separately (not by slicing the mix), in float64
         x = tiny.clip.encode_frames(frames)
         v_glob = tiny.global_embedding(x, mask).double()
@@ -93,8 +98,18 @@ def test_training_loss_is_the_official_two_term_mix(tiny):
         t_glob, t_tab = F.normalize(sentence, dim=-1).double(), tiny.tab(words, word_mask).double()
         scale = tiny.logit_scale().double()
         ce = official.symmetric_cross_entropy  # CrossEn both ways, written by hand
-        expected = 0.5 * ce(scale * t_glob @ v_glob.T) + 0.5 * ce(scale * t_tab @ v_tab.T)
+        ce_glob, ce_tab = ce(scale * t_glob @ v_glob.T), ce(scale * t_tab @ v_tab.T)
+        expected = 0.5 * ce_glob + 0.5 * ce_tab
         torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        # each weight on its own term: w CE(glob) and (1 - w) CE(tab), here at w = 0.3 (the branch
+        # halves are re-normalised, so the same features serve)
+        tiny.center_weight = 0.3
+        try:
+            terms, _ = module.contrastive_losses(text, video)
+        finally:
+            tiny.center_weight = 0.5
+        torch.testing.assert_close(terms["contrastive"].double(), 0.3 * ce_glob, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(terms["tab"].double(), 0.7 * ce_tab, rtol=1e-5, atol=1e-6)
         mixed = tiny.score(text, video).double()
         assert abs(loss.double() - ce(mixed)) > 1e-4  # CE(0.5 A + 0.5 B) is another loss (here by 5e-4)
 
@@ -121,7 +136,7 @@ def test_tdb_and_global_branch_match_the_official_code():
     vtr-micro is random-init, so its blocks run the exact GELU; the head blocks' LayerNorms use 1e-12.
     """
     torch.manual_seed(0)
-    model = CLIP2Video("vtr-micro", num_frames=6).double().eval()
+    model = CLIP2Video(backbone="vtr-micro", num_frames=6).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -149,7 +164,7 @@ def test_frame_order_matters_unlike_mean_pooling(tiny):
         b = tiny.encode_video(frames[:, perm], mask).embedding
         assert (a - b).abs().max() > 1e-4
         torch.manual_seed(0)
-        meanp = MeanPool("vtr-tiny").eval()
+        meanp = MeanPool(backbone="vtr-tiny").eval()
         torch.testing.assert_close(meanp.encode_video(frames, mask).embedding,
                                    meanp.encode_video(frames[:, perm], mask).embedding)
 
@@ -166,18 +181,19 @@ def test_any_frame_count_including_odd(tiny, t):
 @pytest.mark.parametrize(("option", "value"), [("center_weight", 1.5), ("num_centers", 0)])
 def test_bad_config_names_the_option(option, value):
     with pytest.raises(ValueError, match=option):
-        CLIP2Video("vtr-micro", **{option: value})
+        CLIP2Video(backbone="vtr-micro", **{option: value})
 
 
 def test_fit_and_test_smoke(trainer_kwargs):
     torch.manual_seed(0)
-    model = CLIP2Video("vtr-tiny", num_frames=4)
+    model = CLIP2Video(backbone="vtr-tiny", num_frames=4)
     data = FakeVideoText(num_videos=7, num_frames=4, size=64, batch_size=4)
+    module = RetrievalModule(model)
     trainer = L.Trainer(**trainer_kwargs)
-    trainer.fit(model, datamodule=data)
+    trainer.fit(module, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert "train/tab" in trainer.callback_metrics
-    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert metrics["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert metrics["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

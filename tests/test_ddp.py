@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from fakes import FakeVideoText
 
 from baselines.clip4clip import SeqTransf
+from retrieval.training import RetrievalModule
 
 
 def _free_port() -> int:
@@ -32,14 +33,16 @@ def _batch(n=6):
     return frames, mask, tokens
 
 
-def _model():
+def _model(module=RetrievalModule):
     torch.manual_seed(0)
-    return SeqTransf(backbone="vtr-micro", num_frames=4, max_words=16)
+    return module(SeqTransf(backbone="vtr-micro", num_frames=4, max_words=16))
 
 
 def _loss_and_grads(model, frames, mask, tokens):
     model.zero_grad()
-    loss = model.contrastive_loss(model.encode_text(tokens), model.encode_video(frames, mask))
+    retriever = model.retriever
+    terms, _ = model.contrastive_losses(retriever.encode_text(tokens), retriever.encode_video(frames, mask))
+    loss = sum(terms.values())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -72,8 +75,8 @@ def test_two_process_loss_and_gradients_equal_one_process(tmp_path):
     assert num / den <= 1e-6, f"relative gradient error {num / den:.2e}"
 
 
-class _RecordingSeqTransf(SeqTransf):
-    """SeqTransf that saves, per rank, how many rows it encoded and what the evaluation gather kept."""
+class _RecordingModule(RetrievalModule):
+    """A RetrievalModule that saves, per rank, how many rows it encoded and what the evaluation gather kept."""
 
     record_dir: str = ""
 
@@ -87,8 +90,7 @@ class _RecordingSeqTransf(SeqTransf):
 
 
 def _recording_model(record_dir):
-    torch.manual_seed(0)
-    model = _RecordingSeqTransf(backbone="vtr-micro", num_frames=4, max_words=16)
+    model = _model(_RecordingModule)
     model.record_dir = str(record_dir)
     return model
 
@@ -141,7 +143,7 @@ def test_ddp_on_one_device_fits_validates_and_tests_like_one_process(tmp_path, m
             dist.destroy_process_group()
     plain = L.Trainer(**kwargs)
     single = (plain.validate(model, dm, verbose=False)[0], plain.test(model, dm, verbose=False)[0])
-    assert len(fitted) == len(single[0]) == 11  # R@1/5/10, MdR, MnR both ways, and val/t2v_R1
+    assert len(fitted) == len(single[0]) == 11 + 12  # R@1/5/10 (each with its interval), MdR, MnR both ways, val/t2v_R1
     assert fitted == pytest.approx(single[0], abs=1e-4)
     assert len(ddp) == len(single)  # (validate, test): pytest >= 9.2's approx compares flat mappings only
     for got, expected in zip(ddp, single):

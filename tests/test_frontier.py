@@ -43,9 +43,10 @@ def frontier(tmp_path_factory):
 def by_hand(out: Path, method: str) -> dict[str, float]:
     """R@1, R@5 (%) of the checkpoint's similarity on its test split, ranks counted by hand."""
     payload = read_checkpoint(out / "compare" / method / "checkpoints" / "best.ckpt")
-    recipe = read_recipe(METHODS_DIR / f"{method}.yaml")["model"]
-    model = build_retriever({**recipe, "init_args": {**recipe["init_args"], **payload["hyper_parameters"]}},
-                         {"pretrained": None}, out / "compare" / method / "checkpoints" / "best.ckpt")
+    recipe = read_recipe(METHODS_DIR / f"{method}.yaml")["model"]["retriever"]
+    saved = payload["hyper_parameters"]["retriever"]["init_args"]
+    model = build_retriever({**recipe, "init_args": {**recipe["init_args"], **saved}},
+                            {"pretrained": None}, out / "compare" / method / "checkpoints" / "best.ckpt")
     text, video, caption_video, _ = encode_test_split(model, payload["datamodule_hyper_parameters"])
     with torch.no_grad():
         sim = model.similarity(text, video)

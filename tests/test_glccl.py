@@ -8,6 +8,7 @@ from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.glccl import GLCCL, contrastive_score_consistency
 from baselines.xclip import AttentionOverSimilarityMatrix
+from retrieval.training import RetrievalModule
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,12 @@ def test_csc_weight_options(micro):
     with torch.no_grad():
         text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
         raw = contrastive_score_consistency(micro.score_components(text, video))
-        assert micro.auxiliary_losses(batch, text, video)["csc"].item() == pytest.approx(0.5 * raw.item())
+        logits = micro.training_logits(text, video)
+        assert micro.auxiliary_losses(batch, text, video, logits)["csc"].item() == pytest.approx(0.5 * raw.item())
         micro.csc_weight = 0.1  # the official code's default
-        assert micro.auxiliary_losses(batch, text, video)["csc"].item() == pytest.approx(0.1 * raw.item())
+        assert micro.auxiliary_losses(batch, text, video, logits)["csc"].item() == pytest.approx(0.1 * raw.item())
         micro.csc_weight = 0.0
-        assert micro.auxiliary_losses(batch, text, video) == {}
+        assert micro.auxiliary_losses(batch, text, video, logits) == {}
     micro.csc_weight = 0.5
     with pytest.raises(ValueError, match="csc_weight"):
         GLCCL(backbone="vtr-micro", csc_weight=-1.0)
@@ -115,18 +117,21 @@ def test_csc_reuses_the_components_the_loss_scored(micro, monkeypatch):
         torch.manual_seed(0)
         text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
         expected = micro.csc_weight * contrastive_score_consistency(micro.score_components(text, video))
+        other = micro.encode_video(frames.flip(1), mask)
+        expected_other = micro.csc_weight * contrastive_score_consistency(micro.score_components(text, other))
+        module = RetrievalModule(micro)
         calls = []
         original = micro.score_components
         monkeypatch.setattr(micro, "score_components", lambda *a: calls.append(1) or original(*a))
-        micro.contrastive_loss(text, video)
-        csc = micro.auxiliary_losses(batch, text, video)["csc"]
+        terms, logits = module.contrastive_losses(text, video)
+        csc = micro.auxiliary_losses(batch, text, video, logits)["csc"]
         assert len(calls) == 1  # scored once for the loss and the CSC term
+        assert set(terms) == {"contrastive"}  # the components reach the CSC term, they are no InfoNCE term
         torch.testing.assert_close(csc, expected)
-        # other features (e.g. the global batch under DDP) are scored afresh, never a stale match
-        other = micro.encode_video(frames.flip(1), mask)
-        micro.contrastive_loss(text, other)
-        micro.auxiliary_losses(batch, text, video)
-        assert len(calls) == 3
+        # other features are the other features' components, never a stale match
+        _, logits = module.contrastive_losses(text, other)
+        torch.testing.assert_close(micro.auxiliary_losses(batch, text, other, logits)["csc"], expected_other)
+        assert len(calls) == 2
     finally:
         micro.eval()
 
@@ -141,12 +146,13 @@ def test_word_count_is_fixed_but_frame_count_is_free(micro):
 
 
 def test_fit_and_test_run(trainer_kwargs):
-    model = GLCCL(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    model = GLCCL(backbone="vtr-tiny", num_frames=4)
+    module = RetrievalModule(model, eval_chunk_size=3)
     data = FakeVideoText(num_frames=4)
     trainer = L.Trainer(**trainer_kwargs, max_steps=2)
-    trainer.fit(model, data)
+    trainer.fit(module, data)
     assert torch.isfinite(trainer.callback_metrics["train/csc"])
-    results = trainer.test(model, data, verbose=False)[0]
+    results = trainer.test(module, data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert results["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert results["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

@@ -13,6 +13,7 @@ from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.data.video import write_video
 from retrieval.metrics import retrieval_metrics
 from retrieval.postprocess import Postprocess, dual_softmax, querybank_normalize
+from retrieval.training import RetrievalModule
 
 E = math.exp
 
@@ -108,14 +109,22 @@ def msvd_videos(tmp_path):
     return tmp_path
 
 
+class _KeepsFeatures(RetrievalModule):
+    """Keeps the gathered evaluation features (the module itself releases them after the epoch)."""
+
+    def gather_eval_features(self):
+        self.kept = super().gather_eval_features()
+        return self.kept
+
+
 def test_postprocess_rows_beside_the_plain_ones(msvd_videos, trainer_kwargs):
     data = VideoTextDataModule(dataset="msvd", root=str(msvd_videos), num_frames=4, batch_size=2, eval_batch_size=4)
     post = Postprocess(dsl=True, qb_norm=True, querybank_size=5, qb_k=2)
-    model = MeanPool(num_frames=4).eval()
+    model = _KeepsFeatures(MeanPool(num_frames=4)).eval()
     result = L.Trainer(**trainer_kwargs, callbacks=[post]).test(model, data, verbose=False)[0]
-    text, video, caption_video = model.eval_features["test"]
+    text, video, caption_video = model.kept
     assert len(text) == 1 + 2 + 3 + 1 and len(video) == 4  # clips 6..9: multi-caption test set
-    similarity = model.similarity(text, video)
+    similarity = model.retriever.similarity(text, video)
     for key, value in retrieval_metrics(similarity, caption_video).items():
         assert result[f"test/{key}"] == pytest.approx(value, abs=1e-4)  # the plain rows are unchanged
     for key, value in retrieval_metrics(dual_softmax(similarity), caption_video).items():

@@ -1,5 +1,6 @@
 """Prompt Switch's invariants: the cube and its switch, zero-init aggregation, chunking, the captioner."""
 
+import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,19 +12,20 @@ import torch.nn.functional as F
 import yaml
 from fakes import FakeVideoText
 from jsonargparse import ArgumentParser
+from torch.utils.data import DataLoader
 
+from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.data.datasets import collate_first_pair_per_video, first_pair_per_video
+from retrieval.prompt_switch import PromptSwitch, caption_targets, prompt_switch_block, switch_prompts
 from retrieval.recipes import read_recipe
-from retrieval.module import RetrievalModule
-from retrieval.prompt_switch import (
-    PROMPT_SWITCH_OPTIM,
-    PromptSwitch,
-    caption_targets,
-    first_pair_per_video,
-    prompt_switch_block,
-    switch_prompts,
-)
+from retrieval.training import OptimConfig, RetrievalModule
 
 SOT, EOT = 49406, 49407
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+RECIPE = EXPERIMENTS / "model" / "prompt_switch.yaml"
+OFFICIAL_OPTIM = OptimConfig(lr=1e-5, clip_lr=1e-6, weight_decay=0.2, decay_all=True, betas=(0.9, 0.999), eps=1e-6,
+                             warmup_ratio=0.1)
+"""The official recipe: HF AdamW (its defaults betas (0.9, 0.999), eps 1e-6), wd 0.2 on all parameters."""
 
 
 def _video(b=2, t=6, size=32, seed=0):
@@ -66,8 +68,11 @@ def test_parameter_counts_at_vit_b32(vitb32):
 def test_aggregation_lr_group_option(in_clip_group):
     model = PromptSwitch(backbone="vtr-micro", num_frames=6, eval_num_frames=6, num_prompts=3,
                          aggregation_in_clip_group=in_clip_group)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers reads of it
-    groups = {g["name"]: g for g in model.configure_optimizers()["optimizer"].param_groups}
+    hook = {name: {id(p) for p in params} for name, params in model.param_groups().items()}
+    assert all(id(p) in hook["clip" if in_clip_group else "new"] for p in model.prompt_aggregation.parameters())
+    module = RetrievalModule(model, optim=read_recipe(RECIPE)["model"]["optim"])
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers reads of it
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
     group_of = {id(p): name for name, g in groups.items() for p in g["params"]}
     aggregation = list(model.prompt_aggregation.parameters())
     assert len(aggregation) == 4 and {group_of[id(p)] for p in aggregation} == {"clip" if in_clip_group else "new"}
@@ -79,17 +84,26 @@ def test_aggregation_lr_group_option(in_clip_group):
 
 
 def test_recipe_yaml_parses():
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml").read_text())
+    recipe = yaml.safe_load(RECIPE.read_text())
     parser = ArgumentParser()
-    parser.add_subclass_arguments(RetrievalModule, "model")
-    args = parser.parse_object({"model": recipe["model"]}).model.init_args
+    parser.add_class_arguments(RetrievalModule, "model")
+    model = parser.parse_object({"model": recipe["model"]}).model
+    args = model.retriever.init_args
+    assert model.retriever.class_path == "retrieval.prompt_switch.PromptSwitch"
     assert (args.num_frames, args.eval_num_frames, args.num_prompts) == (6, 12, 6)
-    assert PROMPT_SWITCH_OPTIM.__dict__ == vars(args.optim)
+    assert OFFICIAL_OPTIM.__dict__ == vars(model.optim)
     assert recipe["seed_everything"] == 24 and recipe["trainer"] == {"max_epochs": 5, "gradient_clip_val": 1.0}
-    assert recipe["data"] == {"frame_segments": 6, "frame_sampler": "prompt_switch", "batch_size": 32}
-    linked = read_recipe(Path(__file__).parents[1] / "experiments/model/prompt_switch.yaml")["data"]  # as vtr fit links it
-    assert linked == {"num_frames": 6, "eval_num_frames": 12, "frame_segments": 6, "frame_sampler": "prompt_switch",
-                      "max_words": 77, "batch_size": 32}
+    assert recipe["data"] == {"drop_duplicate_videos": True, "frame_segments": 6, "frame_sampler": "prompt_switch",
+                              "batch_size": 32}
+    linked = read_recipe(RECIPE)["data"]  # as vtr fit links it, the DataModule's defaults filled in
+    defaults = {name: p.default for name, p in inspect.signature(VideoTextDataModule).parameters.items()}
+    assert linked == {**defaults, "num_frames": 6, "eval_num_frames": 12, "frame_segments": 6,
+                      "frame_sampler": "prompt_switch", "max_words": 77, "batch_size": 32, "backbone": "ViT-B-32",
+                      "drop_duplicate_videos": True}
+    # a variant holds only its change, merged onto the recipe
+    variant = read_recipe(RECIPE, EXPERIMENTS / "ablations" / "prompt_switch_aggregation_new_lr.yaml")
+    assert variant["model"]["retriever"]["init_args"] == {**read_recipe(RECIPE)["model"]["retriever"]["init_args"],
+                                                          "aggregation_in_clip_group": False}
 
 
 def test_switch_reads_the_transposed_prompt():
@@ -225,8 +239,11 @@ def test_captioner_reads_encode_video_frames(micro):
         frames, mask = _video()
         video = micro.encode_video(frames, mask)
         assert set(video) == {"embedding", "frames"}
+        with torch.no_grad():
+            assert set(micro.eval().encode_video(frames, mask)) == {"embedding", "frames"}  # whatever the mode
+        micro.train()
         tokens = torch.tensor([[SOT, 1929, 5586, EOT, 0], [SOT, 320, 1929, 269, EOT]])
-        loss = micro.auxiliary_losses({"tokens": tokens, "frame_mask": mask}, None, video)["caption"]
+        loss = micro.auxiliary_losses({"tokens": tokens, "frame_mask": mask}, None, video, {})["caption"]
         loss.backward()
         assert micro.prompt_cube.prompts.grad.abs().sum() > 0  # through the frames of encode_video
         assert micro.clip.token_embedding.weight.grad is None  # decoder inputs under no_grad
@@ -235,14 +252,15 @@ def test_captioner_reads_encode_video_frames(micro):
         micro.eval()
 
 
-def test_offline_honesty(micro):
+def test_fusion_free_honesty(micro):
     frames, mask = _video()
     tokens = torch.tensor([[SOT, 1929, EOT, 0], [SOT, 320, 5586, EOT], [SOT, 269, EOT, 0]])
+    assert micro.fusion_free
     with torch.no_grad():
-        video, text = micro.encode_video(frames, mask), micro.encode_text(tokens)
-        assert list(video) == ["embedding"]
+        video, text = micro.prepare_gallery(micro.encode_video(frames, mask)), micro.encode_text(tokens)
+        assert list(video) == ["embedding"]  # the gallery keeps one vector per video
         scores = micro.score(text, video)
-    assert torch.allclose(scores, micro.logit_scale() * text.sentence @ video.embedding.T)
+    assert torch.allclose(scores, micro.logit_scale() * text.embedding @ video.embedding.T)
     assert micro.logit_scale().item() == pytest.approx(1 / 0.07)  # CLIP's initial temperature, exp(log(1/0.07))
 
 
@@ -250,6 +268,17 @@ def test_duplicate_videos_dropped_keeping_the_first():
     batch = {"video_index": torch.tensor([3, 1, 3, 2, 1]), "caption_index": torch.arange(5)}
     out = first_pair_per_video(batch)
     assert out["video_index"].tolist() == [3, 1, 2] and out["caption_index"].tolist() == [0, 1, 3]
+    # the data option's collate: the same batch from its items
+    items = [{"video_index": v, "caption_index": c} for v, c in zip(batch["video_index"], batch["caption_index"])]
+    collated = collate_first_pair_per_video(items)
+    assert collated["video_index"].tolist() == [3, 1, 2] and collated["caption_index"].tolist() == [0, 1, 3]
+
+
+def test_duplicate_video_drop_is_refused_under_ddp():
+    data = VideoTextDataModule(drop_duplicate_videos=True)
+    data.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="drop_duplicate_videos"):
+        data.setup("fit")
 
 
 def test_clear_errors(micro):
@@ -271,9 +300,14 @@ def test_clear_errors(micro):
 def test_fit_and_test(trainer_kwargs, use_captioner):
     model = PromptSwitch(backbone="vtr-tiny", num_frames=6, eval_num_frames=6, num_prompts=3,
                          use_captioner=use_captioner)
+    module = RetrievalModule(model, optim=read_recipe(RECIPE)["model"]["optim"])
     trainer = L.Trainer(**trainer_kwargs, max_steps=2)
     data = FakeVideoText(num_videos=6, num_frames=6, size=64, batch_size=4)
-    trainer.fit(model, data)
+    pairs = data.train_dataloader().dataset  # the recipe's data.drop_duplicate_videos: the official collate
+    data.train_dataloader = lambda: DataLoader(pairs, batch_size=4, drop_last=True,
+                                               collate_fn=collate_first_pair_per_video)
+    assert min(len(batch["tokens"]) for batch in data.train_dataloader()) < 4  # duplicates dropped
+    trainer.fit(module, data)
     assert ("train/caption" in trainer.callback_metrics) == use_captioner
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
@@ -281,12 +315,12 @@ def test_fit_and_test(trainer_kwargs, use_captioner):
     assert group_of[id(model.prompt_aggregation.attn.in_proj_weight)] == "clip"  # official lr quirk
     assert group_of[id(model.prompt_cube.prompts)] == "new"
     assert set(groups) == {"clip", "new"}  # decay_all: weight decay on every parameter
-    metrics = trainer.test(model, data, verbose=False)[0]
+    metrics = trainer.test(module, data, verbose=False)[0]
     # the logged metrics against ranks computed here from the three stages, in float64
     model.eval()
     with torch.no_grad():
         text, video = model.encode_text(data.tokens), model.encode_video(data.frames, data.frame_mask)
-    similarity = text.sentence.double() @ video.embedding.double().T  # [Q, N]; a positive scale keeps ranks
+    similarity = text.embedding.double() @ video.embedding.double().T  # [Q, N]; a positive scale keeps ranks
     positive = similarity[torch.arange(len(similarity)), data.caption_video]
     ranks = 1 + (similarity > positive[:, None]).sum(1) + (similarity == positive[:, None]).sum(1) - 1
     assert metrics["test/t2v/R@1"] == pytest.approx(100 * (ranks == 1).double().mean().item())

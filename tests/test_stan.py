@@ -1,5 +1,7 @@
 """STAN: new parameters, CLIP-copied spatial layers, identity temporal modules, fixed temperature, summed loss."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,10 @@ from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.clip4clip import MeanPool
 from baselines.stan import STAN
+from retrieval.recipes import read_recipe
+from retrieval.training import RetrievalModule
+
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "model" / "stan.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +25,7 @@ def b32():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return STAN("vtr-tiny").eval()
+    return STAN(backbone="vtr-tiny").eval()
 
 
 def _batch(b=3, t=5, size=64, seed=0):
@@ -66,10 +72,10 @@ def test_fixed_temperature_and_dot_product_score(tiny):
     with torch.no_grad():
         video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
         assert list(video) == ["embedding"]
-        torch.testing.assert_close(tiny.score(text, video), 100.0 * text.sentence @ video.embedding.T)
+        torch.testing.assert_close(tiny.score(text, video), 100.0 * text.embedding @ video.embedding.T)
         learned = tiny.clip.logit_scale.clone()
         tiny.clip.logit_scale.fill_(0.0)  # CLIP's learned scale plays no part
-        torch.testing.assert_close(tiny.score(text, video), 100.0 * text.sentence @ video.embedding.T)
+        torch.testing.assert_close(tiny.score(text, video), 100.0 * text.embedding @ video.embedding.T)
         tiny.clip.logit_scale.copy_(learned)
 
 
@@ -77,10 +83,12 @@ def test_loss_sums_the_two_cross_entropies(tiny):
     frames, mask, tokens = _batch()
     with torch.no_grad():
         video, text = tiny.encode_video(frames, mask), tiny.encode_text(tokens)
-        s = text.sentence @ video.embedding.T / 0.01
+        s = text.embedding @ video.embedding.T / 0.01
         targets = torch.arange(3)
         expected = F.cross_entropy(s, targets) + F.cross_entropy(s.T, targets)
-        torch.testing.assert_close(tiny.contrastive_loss(text, video), expected)
+        terms, _ = RetrievalModule(tiny).contrastive_losses(text, video)
+        assert tiny.loss_weights == {"contrastive": 2.0}
+        torch.testing.assert_close(terms["contrastive"], expected)
 
 
 def test_frame_order_matters_unlike_mean_pooling(tiny):
@@ -92,7 +100,7 @@ def test_frame_order_matters_unlike_mean_pooling(tiny):
         b = tiny.encode_video(frames[:, perm], mask).embedding
         assert (a - b).abs().max() > 1e-4
         torch.manual_seed(0)
-        meanp = MeanPool("vtr-tiny").eval()
+        meanp = MeanPool(backbone="vtr-tiny").eval()
         torch.testing.assert_close(meanp.encode_video(frames, mask).embedding,
                                    meanp.encode_video(frames[:, perm], mask).embedding)
 
@@ -107,7 +115,7 @@ def test_padded_frames_do_not_leak(tiny):
 
 def test_paper_projection_starts_equal_to_the_code(tiny):
     torch.manual_seed(1)
-    projected = STAN("vtr-tiny", use_projection=True).eval()
+    projected = STAN(backbone="vtr-tiny", use_projection=True).eval()
     missing, unexpected = projected.load_state_dict(tiny.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("projections.") for name in missing) and len(missing) == 3
     frames, mask, _ = _batch()
@@ -119,17 +127,18 @@ def test_paper_projection_starts_equal_to_the_code(tiny):
 @pytest.mark.parametrize(("option", "value"), [("num_levels", 5), ("temperature", 0.0), ("num_frames", 65)])
 def test_bad_config_names_the_option(option, value):
     with pytest.raises(ValueError, match=option):
-        STAN("vtr-micro", **{option: value})
+        STAN(backbone="vtr-micro", **{option: value})
 
 
 def test_fit_and_test_smoke(trainer_kwargs):
     torch.manual_seed(0)
-    model = STAN("vtr-tiny", num_frames=4)
+    model = STAN(backbone="vtr-tiny", num_frames=4)
     data = FakeVideoText(num_videos=7, num_frames=4, size=64, batch_size=4)
+    module = RetrievalModule(model, optim=read_recipe(RECIPE)["model"]["optim"])  # the recipe's optimiser
     trainer = L.Trainer(**trainer_kwargs, gradient_clip_val=5.0)  # the config's clip
-    trainer.fit(model, datamodule=data)
+    trainer.fit(module, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert metrics["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert metrics["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

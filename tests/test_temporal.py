@@ -58,7 +58,7 @@ def test_head_blocks_take_the_official_layer_norm_epsilon(recipe):
     STAN's spatial modules are copies of CLIP *vision* blocks inside HuggingFace's CLIPEncoderLayer
     (``layer_norm_eps`` 1e-5), so they keep 1e-5.
     """
-    model = build_retriever(read_recipe(recipe)["model"], {"backbone": "vtr-micro", "pretrained": None})
+    model = build_retriever(read_recipe(recipe)["model"]["retriever"], {"backbone": "vtr-micro", "pretrained": None})
     blocks = {name: b for name, b in model.named_modules() if isinstance(b, ResidualAttentionBlock)}
     for name, block in blocks.items():
         eps = {m.eps for m in block.modules() if isinstance(m, nn.LayerNorm)}

@@ -17,6 +17,11 @@ def micro(request):
     return request.param(backbone="vtr-micro", num_frames=4).double().eval()
 
 
+def _gallery(model, frames, mask):
+    """The video features evaluation scores: ``encode_video``, then ``prepare_gallery`` (X-Pool's inference cache)."""
+    return model.prepare_gallery(model.encode_video(frames, mask))
+
+
 def _inputs(n_videos=7, n_texts=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     frames, mask = random_videos(n_videos, 4, 32, g, torch.float64, padded=1)
@@ -26,7 +31,7 @@ def _inputs(n_videos=7, n_texts=5, seed=0):
 def test_chunked_scoring_equals_unchunked(micro):
     frames, mask, tokens = _inputs()
     with torch.no_grad():
-        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        text, video = micro.encode_text(tokens), _gallery(micro, frames, mask)
         full = micro.score(text, video)
         torch.testing.assert_close(micro.score_gallery(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
         torch.testing.assert_close(micro.similarity(text, video, chunk_size=3), full, rtol=0, atol=1e-6)
@@ -37,7 +42,7 @@ def test_score_is_not_a_dot_product(micro):
     d = micro.clip.embed_dim
     frames, mask, tokens = _inputs(n_videos=d + 16, n_texts=d + 16, seed=1)
     with torch.no_grad():
-        scores = micro.score(micro.encode_text(tokens), micro.encode_video(frames, mask))
+        scores = micro.score(micro.encode_text(tokens), _gallery(micro, frames, mask))
     assert micro.fusion_free is False
     assert torch.linalg.matrix_rank(scores).item() > d
 
@@ -47,7 +52,7 @@ def test_the_pair_budget_sizes_gallery_chunks(micro, monkeypatch):
     videos, never above ``eval_chunk_size``), and the scores do not change."""
     frames, mask, tokens = _inputs(n_videos=40, n_texts=5)
     with torch.no_grad():
-        text, video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        text, video = micro.encode_text(tokens), _gallery(micro, frames, mask)
         full = micro.score(text, video)
         sizes: list[int] = []
         original = micro.score

@@ -7,6 +7,7 @@ import torch
 from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.clip4clip import TightTransf
+from retrieval.training import RetrievalModule
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_score_is_the_official_cross_model_without_logit_scale(micro):
         got = micro.score(text, video)
         cross, dense = micro.cross, micro.similarity_dense
         heads = cross.blocks[0].attn.num_heads
-        for i, s in enumerate(text.sentence):  # one pair at a time, as a reader would write it
+        for i, s in enumerate(text.eot):  # one pair at a time, as a reader would write it
             for j, (f, m) in enumerate(zip(video.frames, video.frame_mask)):
                 x = torch.cat([s[None], f[m]])[None] + cross.position_embeddings.weight[: 1 + int(m.sum())]
                 # module_cross.CrossModel in float64 (eps 1e-12 blocks; vtr-micro runs the exact GELU)
@@ -65,11 +66,12 @@ def test_score_is_the_official_cross_model_without_logit_scale(micro):
 
 
 def test_fit_and_test_run(trainer_kwargs):
-    model = TightTransf(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    model = TightTransf(backbone="vtr-tiny", num_frames=4)
+    module = RetrievalModule(model, eval_chunk_size=3)
     data = FakeVideoText(num_frames=4)
     trainer = L.Trainer(**trainer_kwargs, max_steps=2)
-    trainer.fit(model, data)
-    results = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(module, data)
+    results = trainer.test(module, data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert results["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert results["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

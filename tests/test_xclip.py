@@ -7,6 +7,7 @@ import torch
 from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.xclip import XCLIP, AttentionOverSimilarityMatrix
+from retrieval.training import RetrievalModule
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_four_scores_match_the_official_formulas(micro):
     torch.testing.assert_close(got, torch.stack([vs, vw, sf, fw]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(model.score(text, video), got.mean(0))
     # the cached video side: the seqTransf video vector and the raw (normalised) CLIP frames
-    torch.testing.assert_close(video.video, v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(video.embedding, v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(video.frames, f, rtol=1e-12, atol=1e-12)
 
 
@@ -122,11 +123,12 @@ def test_frame_and_word_counts_are_fixed_by_the_mixing_matrices(micro):
 
 
 def test_fit_and_test_run(trainer_kwargs):
-    model = XCLIP(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    model = XCLIP(backbone="vtr-tiny", num_frames=4)
+    module = RetrievalModule(model, eval_chunk_size=3)
     data = FakeVideoText(num_frames=4)
     trainer = L.Trainer(**trainer_kwargs, max_steps=2)
-    trainer.fit(model, data)
-    results = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(module, data)
+    results = trainer.test(module, data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert results["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert results["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

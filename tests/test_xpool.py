@@ -1,6 +1,7 @@
 """X-Pool (Gorti et al. 2022): parameters, identity init, the official block, chunking, training."""
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -9,6 +10,10 @@ import torch.nn.functional as F
 from fakes import FakeVideoText, random_tokens, random_videos, t2v_by_hand
 
 from baselines.xpool import TextConditionedPooling, XPool
+from retrieval.recipes import read_recipe
+from retrieval.training import RetrievalModule
+
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "model" / "xpool.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def test_projections_start_at_identity_with_zero_bias(vitb32):
     for layer in (pool.q_proj, pool.k_proj, pool.v_proj, pool.out_proj, pool.linear_proj):
         assert torch.equal(layer.weight, torch.eye(512)) and not layer.bias.any()
     assert pool.dropout.p == 0.3
-    assert vitb32.optim.decay_all and vitb32.optim.lr == 3e-5 and vitb32.optim.clip_lr == 1e-6
+    optim = read_recipe(RECIPE)["model"]["optim"]  # the optimiser is the recipe's
+    assert optim["decay_all"] and optim["lr"] == 3e-5 and optim["clip_lr"] == 1e-6
 
 
 def test_score_matches_the_official_block(micro):
@@ -51,7 +57,7 @@ def test_score_matches_the_official_block(micro):
     frames, mask, tokens = _inputs()
     model, pool = micro, micro.pool_frames
     with torch.no_grad():
-        text, video = model.encode_text(tokens), model.encode_video(frames, mask)
+        text, video = model.encode_text(tokens), model.prepare_gallery(model.encode_video(frames, mask))
         got = model.score(text, video)
         one = model.score(text[:1], video)  # a single query takes the batched-gemv path
         t, _ = model.clip.encode_text(tokens)
@@ -87,15 +93,18 @@ def test_eval_rearrangement_is_the_block_in_fp32_at_vit_b32_shapes():
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
 
 
-def test_training_keeps_the_literal_block_and_refuses_eval_features(micro):
+def test_training_keeps_the_literal_block_and_refuses_gallery_features(micro):
     frames, mask, tokens = _inputs()
     with torch.no_grad():
-        text, eval_video = micro.encode_text(tokens), micro.encode_video(frames, mask)
+        text, eval_video = micro.encode_text(tokens), micro.prepare_gallery(micro.encode_video(frames, mask))
+        assert micro.prepare_gallery(eval_video) is eval_video  # already the gallery's
         micro.train()
         try:
             train_video = micro.encode_video(frames, mask)
             assert "frame_values" in train_video and "frame_values" not in eval_video
-            with pytest.raises(RuntimeError, match="encoded in eval mode"):
+            assert set(train_video) == set(micro.eval().encode_video(frames, mask))  # whatever the mode
+            micro.train()
+            with pytest.raises(RuntimeError, match="prepare_gallery"):
                 micro.score(text, eval_video)
             micro.pool_frames.dropout.p = 0.0  # without dropout the two paths are one function
             torch.testing.assert_close(micro.score(text, train_video), micro.score(text, eval_video))
@@ -109,17 +118,18 @@ def test_padded_frames_are_ignored(micro):
     mask[0, -1] = False
     with torch.no_grad():
         text = micro.encode_text(tokens)
-        full = micro.score(text, micro.encode_video(frames, mask))[:, 0]
-        cut = micro.score(text, micro.encode_video(frames[:1, :3], mask[:1, :3]))[:, 0]
+        full = micro.score(text, micro.prepare_gallery(micro.encode_video(frames, mask)))[:, 0]
+        cut = micro.score(text, micro.prepare_gallery(micro.encode_video(frames[:1, :3], mask[:1, :3])))[:, 0]
     torch.testing.assert_close(full, cut)
 
 
 def test_fit_and_test_run(trainer_kwargs):
-    model = XPool(backbone="vtr-tiny", num_frames=4, eval_chunk_size=3)
+    model = XPool(backbone="vtr-tiny", num_frames=4)
+    module = RetrievalModule(model, optim=read_recipe(RECIPE)["model"]["optim"], eval_chunk_size=3)
     data = FakeVideoText(num_frames=4)
     trainer = L.Trainer(**trainer_kwargs, max_steps=2)
-    trainer.fit(model, data)
-    results = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(module, data)
+    results = trainer.test(module, data, verbose=False)[0]
     by_hand = t2v_by_hand(model, data)  # an evaluation loop that chunked, ordered or ranked wrongly differs
     assert results["test/t2v/R@1"] == pytest.approx(by_hand["t2v/R@1"])
     assert results["test/t2v/MnR"] == pytest.approx(by_hand["t2v/MnR"])

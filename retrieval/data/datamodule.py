@@ -218,6 +218,11 @@ class VideoTextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Reads the records of the splits ``stage`` needs (idempotent)."""
+        # a contradiction of the options is refused before any file is read
+        if stage == "fit" and self.hparams.drop_duplicate_videos and self.trainer is not None \
+                and self.trainer.world_size > 1:
+            raise ValueError("data.drop_duplicate_videos=true reproduces the official single-GPU collate and would "
+                             "give ranks batches of different sizes; set it to false under DDP")
         if self.hparams.dataset == "synthetic":
             if not synthetic.is_complete(self.root, **self.synthetic_params):
                 raise RuntimeError(
@@ -225,10 +230,6 @@ class VideoTextDataModule(LightningDataModule):
                     "call prepare_data() first (the Trainer does)"
                 )
             self._pairs = synthetic.pair_info(self.root)
-        if stage == "fit" and self.hparams.drop_duplicate_videos and self.trainer is not None \
-                and self.trainer.world_size > 1:
-            raise ValueError("data.drop_duplicate_videos=true reproduces the official single-GPU collate and would "
-                             "give ranks batches of different sizes; set it to false under DDP")
         splits = _STAGE_SPLITS[stage] if stage else ("train", "val", "test")
         records = {split: self._read(split) for split in splits if split not in self._splits}
         if records and self.hparams.probe_videos:

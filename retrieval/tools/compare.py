@@ -39,17 +39,35 @@ L x T terms shrink 2-4x), validation on 200 videos at steps 150 and 300. The cos
 dominated by tightTransf (B^2 pair sequences through 4 cross layers) and Prompt Switch (its
 captioner's 49,408-way vocabulary head): see the train minutes in the README's table.
 
-Outputs in ``--out``: ``results.csv``, ``results.png`` (pair accuracy against ms/query) and
-each method's Lightning logs and checkpoints.
+Seeds (``--seeds 0 1 2``; default ``--seed``'s one value): each seed generates its own data
+(``synthetic_seed=seed``) and initialises and trains every method anew, exactly as a one-seed
+run with that ``--seed``. Outputs in ``--out``:
+
+- ``results.csv``: one row per method and seed (``seed`` column), each accuracy with its 95 %
+  bootstrap interval over test queries (``_lo`` / ``_hi``: pairs for pair accuracy);
+- ``summary.csv``: per method, the mean, ``_std`` (across seeds) and ``_lo`` / ``_hi`` (the
+  per-query interval, pooled over seeds, stratified: :mod:`retrieval.tools.compare_stats`);
+- ``paired.csv``: each method minus ``--reference`` (default ``meanpool``) on the same test
+  queries, t2v R@1 and pair accuracy, per seed and pooled: difference, interval, excludes 0;
+- ``results.png``: pair accuracy against ms/query with the intervals (:mod:`.compare_plot`);
+- ``provenance.json``: versions, CPU, threads, and the sha256 of the backbone and of each
+  seed's generated data: runs are comparable across machines only where these agree;
+- with ``--wandb``, the table and the plot also logged to a wandb run (offline unless
+  ``--wandb online``); ``vtr results`` collects the folder with others;
+- each method's Lightning logs, checkpoint and ``checkpoints/per_query.safetensors`` (the test's
+  per-query results) in ``<method>/`` for one seed, ``seed<k>/<method>/`` for several (each
+  ``seed<k>`` folder is then a ``vtr bench frontier --compare-dir``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import logging
+import shlex
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -57,16 +75,19 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
-from rich.table import Table
 
-from retrieval.recipes import build_retriever, read_recipe
 from retrieval.bench.timing import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
-from retrieval.retriever import Retriever
-from retrieval.tools.index import encode_split
-from retrieval.training import FreezeVisionTower, OptimConfig, RetrievalModule
+from retrieval.data.datasets import FRAME_CACHE
 from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
+from retrieval.recipes import build_retriever, read_recipe
+from retrieval.retriever import Retriever
+from retrieval.tools.compare_report import paired_report, write_outputs
+from retrieval.tools.compare_stats import ACCURACY, PER_QUERY_FILE, provenance, query_scores, save_per_query
+from retrieval.tools.index import encode_split
+from retrieval.tools.wandb_log import MODES, log_tables
+from retrieval.training import FreezeVisionTower, OptimConfig, RetrievalModule
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -74,6 +95,7 @@ console = Console()
 COLUMNS = (
     "method", "fusion_free", "t2v_R@1", "t2v_R@5", "static_R@1", "temporal_R@1", "temporal_pair_acc",
     "ms_per_query_test", "ms_per_query_tiled", "offline_ms_per_video", "train_minutes",
+    "seed", *(f"{column}_{end}" for column in ACCURACY for end in ("lo", "hi")),
 )
 
 
@@ -83,12 +105,6 @@ LOGGED = {  # results.csv column -> the metric RetrievalModule logs under test/
 }
 POSTPROCESSED = {  # the labelled post-processing columns, present when asked for
     "t2v+DSL_R@1": "t2v+DSL/R@1", "v2t+DSL_R@1": "v2t+DSL/R@1", "t2v+QB_R@1": "t2v+QB/R@1",
-}
-HEADERS = {
-    **{column: column.replace("_", " ") for column in POSTPROCESSED},
-    "method": "method", "fusion_free": "fusion-free", "t2v_R@1": "R@1", "t2v_R@5": "R@5", "static_R@1": "static R@1",
-    "temporal_R@1": "temporal R@1", "temporal_pair_acc": "pair acc", "ms_per_query_test": "ms/q test",
-    "ms_per_query_tiled": "ms/q tiled", "offline_ms_per_video": "enc ms/video", "train_minutes": "train min",
 }
 
 
@@ -137,9 +153,10 @@ def method_name(paths: tuple[Path, ...]) -> str:
 
 
 def run_method(recipe_paths: tuple[Path, ...], preset: Preset, backbone_ckpt: Path, data_root: Path, out: Path, seed: int,
-               postprocess: Postprocess | None = None) -> dict:
+               postprocess: Postprocess | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Fine-tune, select on validation, test and time one method; returns its results row
-    (with the DSL / QB-Norm rows that ``postprocess`` asks for)."""
+    (with the DSL / QB-Norm rows that ``postprocess`` asks for) and the test's per-query
+    results, which are also saved as ``out/<method>/checkpoints/per_query.safetensors``."""
     recipe = read_recipe(*recipe_paths)
     name = method_name(recipe_paths)
     fixed = recipe["data"]
@@ -178,11 +195,14 @@ def run_method(recipe_paths: tuple[Path, ...], preset: Preset, backbone_ckpt: Pa
     train_minutes = (time.perf_counter() - start) / 60
     trainer.test(model, data, ckpt_path=checkpoint.best_model_path or None, verbose=False)
     logged = trainer.callback_metrics
-    row = {"method": name, "fusion_free": retriever.fusion_free, "train_minutes": train_minutes}
-    row.update({column: float(logged[f"test/{key}"]) for column, key in LOGGED.items()})
-    row.update({column: float(logged[f"test/{key}"]) for column, key in POSTPROCESSED.items() if f"test/{key}" in logged})
+    row = {"method": name, "fusion_free": retriever.fusion_free, "train_minutes": train_minutes, "seed": seed}
+    for column, key in {**LOGGED, **POSTPROCESSED}.items():
+        if column in LOGGED or f"test/{key}" in logged:  # each with its bootstrap interval
+            row.update({column + end: float(logged[f"test/{key}{end}"]) for end in ("", "_lo", "_hi")})
+    per_query = model.per_query["test"]
+    save_per_query(per_query, out / name / "checkpoints" / PER_QUERY_FILE, method=name, seed=str(seed))
     row.update(_timings(retriever.eval(), data, preset))
-    return row
+    return row, per_query
 
 
 def _timings(model: Retriever, data: VideoTextDataModule, preset: Preset) -> dict[str, float]:
@@ -199,52 +219,32 @@ def _timings(model: Retriever, data: VideoTextDataModule, preset: Preset) -> dic
     return {**{k: v["ms_per_query_median"] for k, v in online.items()}, "offline_ms_per_video": offline["ms_per_video"]}
 
 
-def write_outputs(rows: list[dict], out: Path, tiled: int) -> None:
-    """``results.csv`` and ``results.png`` in ``out``; the table on the console."""
-    columns = [*COLUMNS, *(c for c in POSTPROCESSED if any(c in row for row in rows))]
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    table = Table(title=f"vtr compare ({out})")
-    for column in columns:
-        table.add_column(HEADERS[column], justify="left" if column == "method" else "right")
-    for row in rows:
-        table.add_row(*[f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
-    Console(width=max(console.width, 132)).print(table)
-    _plot(rows, out / "results.png", tiled)
+def synthetic_root(preset: Preset, seed: int) -> Path:
+    """The seed's generated benchmark (generated on first use, cached under ``$VTR_CACHE``)."""
+    data = VideoTextDataModule(dataset="synthetic", synthetic_num_train=preset.num_train,
+                               synthetic_num_val=preset.num_val, synthetic_num_test=preset.num_test, synthetic_seed=seed)
+    data.prepare_data()
+    return data.root
 
 
-def _plot(rows: list[dict], path: Path, tiled: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        colour = "tab:blue" if row["fusion_free"] else "tab:red"
-        ax.scatter(row["ms_per_query_tiled"], row["temporal_pair_acc"], color=colour, s=50)
-        ax.annotate(row["method"], (row["ms_per_query_tiled"], row["temporal_pair_acc"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=9)
-    ax.axhline(50, color="grey", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"ms per query over {tiled:,} videos (encode_text + score + top-k, CPU)")
-    ax.set_ylabel("temporal pair accuracy (%)")
-    ax.set_title("fusion-free (blue) vs text-conditioned (red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def forget_frames(root: Path) -> None:
+    """Drop ``root``'s decoded clips from the process's frame cache (a seed's data is done)."""
+    for key in [key for key in FRAME_CACHE if Path(key[0]).is_relative_to(root)]:
+        del FRAME_CACHE[key]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """``vtr compare [--preset default|smoke] [--methods NAME ...] [--out DIR] [--seed N]``."""
+    """``vtr compare [--preset default|smoke] [--methods NAME ...] [--out DIR] [--seeds N ...]``;
+    returns the results rows (one per method and seed)."""
     parser = argparse.ArgumentParser(prog="vtr compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--methods", nargs="*", help="recipe names or paths (default: every experiments/model/*.yaml)")
     parser.add_argument("--methods-dir", type=Path, default=Path("experiments/model"))
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="one seed (default 0); the same as --seeds N")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train every method once per seed (own data, own init)")
+    parser.add_argument("--reference", help="the method every other is paired with on the same queries "
+                                            "(default: meanpool, when it is compared)")
     parser.add_argument("--steps", type=int, help="override the preset's fine-tuning steps per method")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
     parser.add_argument("--lr", type=float, help="override the preset's new-module learning rate")
@@ -257,7 +257,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--qb-norm", action="store_true", help="also report t2v+QB (QB-Norm, querybank of training captions)")
     parser.add_argument("--querybank-size", type=int, default=5000, help="training captions in QB-Norm's querybank")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
-    args = parser.parse_args(argv[1:] if argv and argv[0] == "compare" else argv)
+    parser.add_argument("--paired-only", action="store_true",
+                        help="no training: the finished run in --out against --reference, from its per-query results")
+    parser.add_argument("--wandb", nargs="?", const="offline", choices=MODES,
+                        help="also log the table and plot to wandb (offline unless 'online')")
+    options = list(sys.argv[1:] if argv is None else argv)
+    options = options[1:] if options[:1] == ["compare"] else options
+    args = parser.parse_args(options)
+    if args.seed is not None and args.seeds:
+        parser.error("pass --seed or --seeds, not both")
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
+    if len(set(seeds)) < len(seeds):
+        parser.error(f"--seeds repeats a seed: {seeds}")
+    if args.paired_only:  # a finished run against another reference, from its saved per-query results
+        if args.reference is None:
+            parser.error("--paired-only needs --reference")
+        print(f"wrote {paired_report(args.out, args.reference)}")
+        return []
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,17 +285,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "freeze_vision_tower": args.freeze_vision, "optim": replace(preset.optim, **optim)}
     preset = replace(preset, **{k: v for k, v in changes.items() if v is not None})
     paths = recipes(args.methods_dir, args.methods)
-    if (args.out / "results.csv").exists() and not args.overwrite:
+    names = [method_name(path) for path in paths]
+    if args.reference is not None and args.reference not in names:
+        parser.error(f"--reference {args.reference} is not among the compared methods {names}")
+    reference = args.reference or ("meanpool" if "meanpool" in names else None)
+    if any((args.out / name).exists() for name in ("results.csv", "summary.csv")) and not args.overwrite:
         parser.error(f"{args.out / 'results.csv'} holds an earlier run: pass --overwrite to replace it, or another --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]vtr compare[/]: preset {args.preset}, {len(paths)} methods, seed {args.seed} -> {args.out}")
+    console.print(f"[bold]vtr compare[/]: preset {args.preset}, {len(paths)} methods, seeds {seeds} -> {args.out}")
     backbone = pretrained_backbone(preset.pretrain)  # cached under $VTR_CACHE (default ~/.cache/vtr)
-    data = VideoTextDataModule(dataset="synthetic", synthetic_num_train=preset.num_train,
-                               synthetic_num_val=preset.num_val, synthetic_num_test=preset.num_test, synthetic_seed=args.seed)
-    data.prepare_data()
-    data_root = data.root
-    postprocess = (Postprocess(dsl=args.dsl, qb_norm=args.qb_norm, querybank_size=args.querybank_size, seed=args.seed)
-                   if args.dsl or args.qb_norm else None)
-    rows = [run_method(path, preset, backbone, data_root, args.out, args.seed, postprocess) for path in paths]
-    write_outputs(rows, args.out, preset.tiled_gallery)
+    roots = {seed: synthetic_root(preset, seed) for seed in seeds}
+    record = provenance(backbone, roots, preset=args.preset, preset_values=asdict(preset), seeds=seeds, methods=names,
+                        reference=reference, command=shlex.join(["vtr", "compare", *options]))
+    (args.out / "provenance.json").write_text(json.dumps(record, indent=1) + "\n")
+    rows, scores = [], {}
+    for seed in seeds:
+        postprocess = (Postprocess(dsl=args.dsl, qb_norm=args.qb_norm, querybank_size=args.querybank_size, seed=seed)
+                       if args.dsl or args.qb_norm else None)
+        seed_out = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
+        for path in paths:
+            row, per_query = run_method(path, preset, backbone, roots[seed], seed_out, seed, postprocess)
+            rows.append(row)
+            scores[seed, row["method"]] = query_scores(per_query)
+        if seed != seeds[-1]:
+            forget_frames(roots[seed])
+    if reference is None:
+        console.print("no paired comparison: meanpool is not compared (name one with --reference)")
+    write_outputs(rows, scores, reference, args.out, preset.tiled_gallery, list(COLUMNS), list(POSTPROCESSED))
+    if args.wandb:
+        log_tables(f"compare-{args.out.name}", {"compare/results": rows}, {"compare/plot": args.out / "results.png"},
+                   args.wandb, directory=args.out, config={"preset": asdict(preset), "seeds": seeds})
     return rows

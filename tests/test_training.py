@@ -1,14 +1,22 @@
-"""The shared loop: optimiser groups, schedule, training, evaluation, and CLIP4Clip's invariants."""
+"""The shared loop: optimiser groups, schedule, training, evaluation, the retriever's record of
+its arguments, and CLIP4Clip's invariants."""
 
 import lightning as L
 import pytest
 import torch
 from fakes import FakeVideoText
 
-from baselines.clip4clip import MeanPool, SeqTransf
+from baselines.clip2video import CLIP2Video
+from baselines.clip4clip import MeanPool, SeqTransf, TightTransf
+from baselines.glccl import GLCCL
+from baselines.stan import STAN
+from baselines.xclip import XCLIP
+from baselines.xpool import XPool
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import retrieval_metrics
-from retrieval.module import LOGIT_SCALE_MAX, FreezeVisionTower, OptimConfig, warmup_cosine
+from retrieval.prompt_switch import PromptSwitch
+from retrieval.recipes import build_retriever
+from retrieval.training import LOGIT_SCALE_MAX, FreezeVisionTower, OptimConfig, RetrievalModule, warmup_cosine
 
 
 def _video(t=4, b=3, size=64, seed=0):
@@ -24,10 +32,24 @@ def test_warmup_cosine_shape():
     assert warmup_cosine(100, 100, 10) == pytest.approx(0.0)
 
 
+def _eval_features(module, monkeypatch) -> dict:
+    """Records what each evaluation gathered (the module releases its features after the epoch)."""
+    seen = {}
+    original = module.gather_eval_features
+
+    def gather():
+        seen["features"] = original()
+        return seen["features"]
+
+    monkeypatch.setattr(module, "gather_eval_features", gather)
+    return seen
+
+
 def test_parameter_groups(trainer_kwargs):
-    model = SeqTransf(num_frames=4, optim=OptimConfig(lr=1e-3, clip_lr=1e-6, weight_decay=0.1))
+    model = SeqTransf(num_frames=4)
+    module = RetrievalModule(model, optim=OptimConfig(lr=1e-3, clip_lr=1e-6, weight_decay=0.1))
     trainer = L.Trainer(**trainer_kwargs, max_steps=3)
-    trainer.fit(model, FakeVideoText(num_frames=4))
+    trainer.fit(module, FakeVideoText(num_frames=4))
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
     assert set(groups) == {"clip", "clip/no_decay", "new", "new/no_decay"}
     assert groups["clip"]["weight_decay"] == 0.1 and groups["clip/no_decay"]["weight_decay"] == 0.0
@@ -47,7 +69,7 @@ def test_frozen_vision_tower_keeps_its_weights_and_the_rest_trains(trainer_kwarg
     model = SeqTransf(backbone="vtr-micro", num_frames=4, max_words=16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = L.Trainer(**trainer_kwargs, max_steps=2, callbacks=[FreezeVisionTower()])
-    trainer.fit(model, FakeVideoText(num_frames=4, size=32, max_words=16))
+    trainer.fit(RetrievalModule(model), FakeVideoText(num_frames=4, size=32, max_words=16))
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         visual = name.startswith("clip.visual.")
@@ -56,9 +78,9 @@ def test_frozen_vision_tower_keeps_its_weights_and_the_rest_trains(trainer_kwarg
 
 
 def test_decay_all_puts_everything_in_decay_groups(trainer_kwargs):
-    model = MeanPool(num_frames=4, optim=OptimConfig(decay_all=True))
+    module = RetrievalModule(MeanPool(num_frames=4), optim=OptimConfig(decay_all=True))
     trainer = L.Trainer(**trainer_kwargs, max_steps=1)
-    trainer.fit(model, FakeVideoText(num_frames=4))
+    trainer.fit(module, FakeVideoText(num_frames=4))
     assert {g["name"] for g in trainer.optimizers[0].param_groups} == {"clip"}
 
 
@@ -66,7 +88,7 @@ def test_logit_scale_is_clamped_after_each_step(trainer_kwargs):
     model = MeanPool(num_frames=4)
     with torch.no_grad():
         model.clip.logit_scale.fill_(6.0)
-    L.Trainer(**trainer_kwargs, max_steps=1).fit(model, FakeVideoText(num_frames=4))
+    L.Trainer(**trainer_kwargs, max_steps=1).fit(RetrievalModule(model), FakeVideoText(num_frames=4))
     # one step at clip_lr 1e-7 moves 6.0 by ~1e-7: only the clamp brings it down to log(100)
     assert model.clip.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX, abs=1e-6)
     with torch.no_grad():
@@ -74,13 +96,16 @@ def test_logit_scale_is_clamped_after_each_step(trainer_kwargs):
     assert model.logit_scale().item() == pytest.approx(100.0)
 
 
-def test_fit_and_test_evaluate_every_video_and_caption_once(trainer_kwargs):
+def test_fit_and_test_evaluate_every_video_and_caption_once(trainer_kwargs, monkeypatch):
     dm = FakeVideoText(num_videos=7, num_frames=4, batch_size=3)
     model = SeqTransf(num_frames=4)
+    module = RetrievalModule(model)
     trainer = L.Trainer(**trainer_kwargs, limit_train_batches=2)
-    trainer.fit(model, dm)
-    result = trainer.test(model, dm, verbose=False)[0]
-    text, video, caption_video = model.eval_features["test"]
+    trainer.fit(module, dm)
+    seen = _eval_features(module, monkeypatch)
+    result = trainer.test(module, dm, verbose=False)[0]
+    text, video, caption_video = seen["features"]
+    assert module._eval_buffers == {"video": [], "text": []}  # released after the epoch
     assert len(video) == 7 and len(text) == len(dm.tokens)
     assert torch.equal(caption_video, dm.caption_video)
     expected = retrieval_metrics(model.similarity(text, video), caption_video)
@@ -88,11 +113,13 @@ def test_fit_and_test_evaluate_every_video_and_caption_once(trainer_kwargs):
         assert result[f"test/{key}"] == pytest.approx(value, abs=1e-4)
 
 
-def test_evaluation_features_equal_direct_encoding(trainer_kwargs):
+def test_evaluation_features_equal_direct_encoding(trainer_kwargs, monkeypatch):
     dm = FakeVideoText(num_videos=5, num_frames=4, batch_size=2)
     model = MeanPool(num_frames=4).eval()
-    L.Trainer(**trainer_kwargs).test(model, dm, verbose=False)
-    _, video, _ = model.eval_features["test"]
+    module = RetrievalModule(model)
+    seen = _eval_features(module, monkeypatch)
+    L.Trainer(**trainer_kwargs).test(module, dm, verbose=False)
+    _, video, _ = seen["features"]
     with torch.no_grad():
         direct = model.encode_video(dm.frames, dm.frame_mask)
     torch.testing.assert_close(video.embedding, direct.embedding, rtol=1e-5, atol=1e-5)
@@ -134,7 +161,7 @@ def test_fusion_free_score_is_a_scaled_dot_product(cls):
         video, text = model.encode_video(frames, mask), model.encode_text(tokens)
         scores = model.score(text, video)
     assert set(video) == {"embedding"}
-    dot = text.sentence @ video.embedding.T
+    dot = text.embedding @ video.embedding.T
     c = scores.flatten() @ dot.flatten() / (dot.flatten() @ dot.flatten())
     assert c > 0
     torch.testing.assert_close(scores, c * dot, rtol=1e-5, atol=1e-5)
@@ -173,3 +200,56 @@ def test_features_container():
         VideoFeatures(values=torch.randn(2, 3))
     with pytest.raises(AttributeError, match="has no field 'words'"):
         TextFeatures(sentence=torch.randn(4, 3)).words
+
+
+def test_retriever_config_records_its_arguments_and_the_activation_built():
+    model = SeqTransf(num_temporal_layers=2, backbone="vtr-micro", num_frames=4, max_words=16)
+    assert model.config == {
+        "class_path": "baselines.clip4clip.SeqTransf",
+        "init_args": {"backbone": "vtr-micro", "pretrained": None, "quick_gelu": False,  # None: the one built
+                      "num_frames": 4, "max_words": 16, "num_temporal_layers": 2},
+    }
+    forced = XPool(dropout=0.1, backbone="vtr-micro", quick_gelu=True, num_frames=4)
+    assert forced.config["init_args"] == {"backbone": "vtr-micro", "pretrained": None, "quick_gelu": True,
+                                          "num_frames": 4, "max_words": 32, "dropout": 0.1}
+    # a paper argument with its default, and the shared one a method names itself (Prompt Switch's num_frames)
+    switch = PromptSwitch(backbone="vtr-micro", num_prompts=3, use_captioner=False).config["init_args"]
+    assert (switch["num_frames"], switch["eval_num_frames"], switch["num_prompts"], switch["use_captioner"]) == (6, 12, 3, False)
+    assert "shared" not in switch and "self" not in switch
+    # plain data that rebuilds the same retriever, and what a RetrievalModule saves
+    rebuilt = build_retriever(model.config)
+    assert rebuilt.config == model.config and type(rebuilt) is SeqTransf
+    assert RetrievalModule(model).hparams["retriever"] == model.config
+    model.config["init_args"]["num_frames"] = 99  # a copy each time
+    assert model.config["init_args"]["num_frames"] == 4
+
+
+def test_a_checkpoint_loads_back_into_a_retrieval_module(trainer_kwargs, tmp_path):
+    model = SeqTransf(num_temporal_layers=2, backbone="vtr-micro", num_frames=4, max_words=16)
+    module = RetrievalModule(model, optim=OptimConfig(lr=1e-3), eval_chunk_size=5)
+    trainer = L.Trainer(**trainer_kwargs, max_steps=1)
+    trainer.fit(module, FakeVideoText(num_frames=4, size=32, max_words=16))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = RetrievalModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert type(loaded.retriever) is SeqTransf and loaded.retriever.config == model.config
+    assert loaded.optim == OptimConfig(lr=1e-3) and loaded.retriever.eval_chunk_size == 5
+    for (name, a), b in zip(model.state_dict().items(), loaded.retriever.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+RETRIEVERS = [MeanPool, SeqTransf, TightTransf, XCLIP, XPool, GLCCL, STAN, CLIP2Video, PromptSwitch]
+
+
+@pytest.mark.parametrize("cls", RETRIEVERS, ids=lambda c: c.__name__)
+def test_param_groups_hold_every_parameter_exactly_once(cls):
+    kwargs = {"num_prompts": 3} if cls is PromptSwitch else {"num_frames": 4}
+    model = cls(backbone="vtr-micro", **kwargs)
+    groups = model.param_groups()
+    assert set(groups) == {"clip", "new"}
+    grouped = [id(p) for params in groups.values() for p in params]
+    assert len(grouped) == len(set(grouped))  # no parameter in two groups, nor twice in one
+    assert set(grouped) == {id(p) for p in model.parameters()}
+    assert {id(p) for p in model.clip.parameters()} <= {id(p) for p in groups["clip"]}
+    # the default groups are CLIP's vs new; only Prompt Switch moves a new module to the CLIP lr
+    moved = {id(p) for p in groups["clip"]} - {id(p) for p in model.clip.parameters()}
+    assert moved == ({id(p) for p in model.prompt_aggregation.parameters()} if cls is PromptSwitch else set())
