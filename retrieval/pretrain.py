@@ -13,12 +13,14 @@ minutes) under ``$VTR_CACHE/backbones`` with a manifest of the parameters it was
 its ``backbone_checksum`` and the ``kernel_environment`` that built it; a cache entry with
 other parameters is never reused.
 
-Rebuilt bit-for-bit: on the same torch build and the same CPU kernels (ATen's
-``get_cpu_capability()``, oneDNN's and MKL's ISA); the thread count is fixed by
-``PretrainConfig.threads`` and the data (still frames drawn in numpy, no video files), the
-initialisation and the batch order come from the seed alone. A CPU with other kernels (AVX2
-against AVX-512) gives other last bits from the first step on, and training amplifies them:
-compare ``backbone_checksum`` values, not file hashes.
+Rebuilt bit-for-bit on any x86-64 CPU with AVX2 for the same torch build: the data (still
+frames drawn in numpy, no video files), the initialisation and the batch order come from the
+seed alone, the thread count is fixed (``PretrainConfig.threads``) and so is the CPU code of
+ATen, oneDNN and MKL (``PretrainConfig.kernels``: their AVX2 kernels, also on a CPU with
+AVX-512). Without those two pins a CPU with other kernels or another core count gives other
+last bits from the first step on, and 600 steps amplify them into another backbone (on this
+project's machine, 2.2 points of MeanPool's pair accuracy). Compare ``backbone_checksum``
+values, not file hashes.
 
 ``vtr pretrain`` prints the path of the default one (building it first if needed), for
 ``vtr fit ... --model.retriever.init_args.pretrained "$(vtr pretrain)"``.
@@ -31,6 +33,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,10 +71,26 @@ class PretrainConfig:
     threads: int = 2
     """torch's intra-op threads while pretraining. CPU kernels split reductions (the backward
     pass's weight and bias gradients) by thread count, so the weights depend on it: one step
-    at 1 and at 2 threads gave 39 of 113 gradients that differ in their last bits, and 30
+    at 1 and at 2 threads gave 39 of 110 gradients that differ in their last bits, and 30
     steps different weights. Fixed here, not the machine's core count (torch's default); 2 is
     the core count of the machine the README's tables were measured on."""
+    kernels: str | None = "avx2"
+    """The CPU code ATen, oneDNN and MKL run while pretraining: ``"avx2"`` limits all three to
+    their AVX2 kernels (``KERNEL_ENV``), so a CPU with AVX-512 builds the same weights as one
+    with AVX2 only; ``None`` lets each library take the best the CPU has, and the weights then
+    depend on the CPU. The libraries read the setting once, when first used, so the backbone is
+    built in a subprocess started with it (unless this process already runs with it)."""
     format_version: int = 1
+
+
+KERNEL_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}}
+"""Environment variables that pin each ``PretrainConfig.kernels`` level. Measured on this
+project's 2-core AMD EPYC (AVX-512): one pretraining step under ``ATEN_CPU_CAPABILITY=avx2``
+changed 109 of 110 gradients, under ``ONEDNN_MAX_CPU_ISA=AVX2`` all 110, and a whole backbone
+built under both gave, fine-tuned, exactly the README table's numbers (measured on 22 November on a
+CPU without AVX-512); ``MKL_CBWR=AVX2`` changed nothing here (probably because MKL does not
+use AVX-512 on AMD CPUs) and pins MKL on Intel CPUs with AVX-512. The AVX2 kernels were also faster here:
+20 steps at batch 256 in 6 s against 9-10 s."""
 
 
 def _architecture_hash(backbone: str) -> str:
@@ -81,7 +101,7 @@ def _architecture_hash(backbone: str) -> str:
 
 def _cache_path(config: PretrainConfig, cache_dir: Path) -> Path:
     key = (f"{config.backbone}-{_architecture_hash(config.backbone)}-synthetic-{config.difficulty}"
-           f"-s{config.steps}-b{config.batch_size}-seed{config.seed}")
+           f"-s{config.steps}-b{config.batch_size}-seed{config.seed}-t{config.threads}-{config.kernels or 'native'}")
     return cache_dir / "backbones" / f"{key}.pt"
 
 
@@ -99,6 +119,18 @@ def pretrained_backbone(config: PretrainConfig = PretrainConfig(), cache_dir: st
     if path.is_file() and manifest.is_file() and json.loads(manifest.read_text()).get("config") == asdict(config):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    pinned = KERNEL_ENV.get(config.kernels, {}) if config.kernels else {}
+    if config.kernels and not pinned:
+        raise ValueError(f"unknown PretrainConfig.kernels {config.kernels!r}; expected one of {sorted(KERNEL_ENV)} or None")
+    if all(os.environ.get(name) == value for name, value in pinned.items()):
+        _build(config, path, progress)
+    else:
+        _build_in_subprocess(config, path, progress, pinned)
+    return path
+
+
+def _build(config: PretrainConfig, path: Path, progress: bool) -> None:
+    """Trains ``config`` in this process and writes the checkpoint and its manifest to ``path``."""
     start = time.perf_counter()
     with torch_threads(config.threads):
         state, final_loss = _train(config, progress)
@@ -107,10 +139,24 @@ def pretrained_backbone(config: PretrainConfig = PretrainConfig(), cache_dir: st
     torch.save(state, tmp)
     tmp.replace(path)
     minutes = (time.perf_counter() - start) / 60
-    manifest.write_text(json.dumps({"config": asdict(config), "final_loss": final_loss, "minutes": minutes,
-                                    "checksum": backbone_checksum(path), "built_with": environment}, indent=1))
+    path.with_suffix(".json").write_text(json.dumps(
+        {"config": asdict(config), "final_loss": final_loss, "minutes": minutes, "checksum": backbone_checksum(path),
+         "built_with": environment}, indent=1))
     log.info("pretrained %s in %.1f min (final loss %.3f) -> %s", config.backbone, minutes, final_loss, path)
-    return path
+
+
+def _build_in_subprocess(config: PretrainConfig, path: Path, progress: bool, pinned: dict[str, str]) -> None:
+    """``_build`` in a fresh interpreter whose environment carries ``pinned`` (and finds this code)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **pinned,
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = ("import json, sys\nfrom pathlib import Path\nfrom retrieval.pretrain import PretrainConfig, _build\n"
+            "_build(PretrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), sys.argv[3] == '1')")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config)), str(path), str(int(progress))],
+                          env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"pretraining {config.backbone} with {pinned} failed in its subprocess "
+                           f"(exit status {done.returncode}; its error is printed above)")
 
 
 @contextmanager

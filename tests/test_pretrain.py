@@ -1,14 +1,15 @@
-"""The pretrained vtr-tiny: its checksum over tensors, the manifest, the fixed thread count."""
+"""The pretrained vtr-tiny: its checksum over tensors, the manifest, the fixed thread count and kernels."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from retrieval.backbone import create_clip
-from retrieval.pretrain import PretrainConfig, backbone_checksum, pretrained_backbone
+from retrieval.pretrain import KERNEL_ENV, PretrainConfig, backbone_checksum, pretrained_backbone
 
-TINY = PretrainConfig(steps=2, batch_size=8, num_frames=32, warmup_steps=1, threads=1)
+TINY = PretrainConfig(steps=2, batch_size=8, num_frames=32, warmup_steps=1, threads=1, kernels=None)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,18 @@ def test_pretraining_records_its_checksum_and_threads_and_repeats_exactly(tmp_pa
     again = pretrained_backbone(TINY, cache_dir=tmp_path / "b", progress=False)
     assert backbone_checksum(again) == manifest["checksum"]
     assert pretrained_backbone(TINY, cache_dir=tmp_path / "a", progress=False) == path  # cached
+
+
+def test_pinned_kernels_build_in_a_subprocess_that_runs_them(tmp_path, monkeypatch):
+    for name in KERNEL_ENV["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    config = replace(TINY, kernels="avx2")
+    path = pretrained_backbone(config, cache_dir=tmp_path, progress=False)
+    assert path.name.endswith("-t1-avx2.pt") and path != pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)
+    built_with = json.loads(path.with_suffix(".json").read_text())["built_with"]
+    assert {name: built_with[name] for name in KERNEL_ENV["avx2"]} == KERNEL_ENV["avx2"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert built_with["cpu_capability"] == "AVX2"
+    assert json.loads(path.with_suffix(".json").read_text())["checksum"] == backbone_checksum(path)
+    with pytest.raises(ValueError, match="unknown PretrainConfig.kernels 'avx9'"):
+        pretrained_backbone(replace(TINY, kernels="avx9"), cache_dir=tmp_path, progress=False)

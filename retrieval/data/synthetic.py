@@ -87,10 +87,10 @@ control, 4-8 distinct outputs, even for the first (I) frame; with ``mbtree=0``, 
 ``asm=0``, or with x264 limited to AVX2 or SSSE3 code, one. The assembly also changes the
 output between CPU levels (SSE2 vs SSSE3 and up), so ``asm=0`` (x264's C code) removes the CPU
 from the result, and ``mbtree=0`` takes the floating-point lookahead out of rate control. The
-cost: 200 clips of 64 px took 7.8 s on this 2-core CPU, against 4.3 s with the assembly and 3.2 s
-with neither setting nor the numpy conversion (the default benchmark's 4,800 clips: about 3 minutes
-instead of 1.5, once per cache). ``threads=1``: x264's output depends on its thread count, which
-would otherwise follow the machine's cores."""
+cost, once per cache: the default benchmark's 4,600 clips took 29-35 s on this 2-core CPU,
+against 23 s with x264's assembly and 16.5 s before (swscale, assembly, mb-tree); the files are
+as large (21 MB). ``threads=1``: x264's output depends on its thread count, which would
+otherwise follow the machine's cores."""
 
 
 class PairInfo(NamedTuple):
