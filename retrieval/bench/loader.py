@@ -39,7 +39,8 @@ from retrieval.data.datamodule import VideoTextDataModule, default_cache_dir
 from retrieval.data.video import sample_indices, write_video
 from retrieval.tools.prepare import prepare_folder
 
-COLUMNS = ("source", "mode", "workers", "num_videos", "num_frames", "clips_per_s", "ratio", "pyav", "python")
+COLUMNS = ("source", "mode", "workers", "num_videos", "num_frames", "batch_size", "clips_per_s", "ratio", "host_load",
+           "pyav", "python")
 
 
 def raw_decode(path: str, num_frames: int) -> np.ndarray:
@@ -100,11 +101,14 @@ def bench_raw(paths: list[str], num_frames: int, workers: int, repeats: int) -> 
 
 
 def bench_loader(annotations_dir: Path, videos_dir: Path, num_frames: int, workers: int, repeats: int,
-                 cache: bool) -> float:
-    """Clips/s of the DataModule's test videos loader (with ``cache``: a pass after the filling one)."""
+                 cache: bool, batch_size: int = 2) -> float:
+    """Clips/s of the DataModule's test videos loader (with ``cache``: a pass after the filling one).
+
+    A DataLoader worker produces whole batches, so ``batch_size`` must leave several batches per
+    worker (:func:`run` checks): 8 clips in one batch of 8 keep one of two workers idle."""
     data = VideoTextDataModule(dataset="msrvtt", annotations_dir=str(annotations_dir), videos_dir=str(videos_dir),
-                               backbone="ViT-B-32", num_frames=num_frames, eval_batch_size=8, num_workers=workers,
-                               cache_frames=cache)
+                               backbone="ViT-B-32", num_frames=num_frames, eval_batch_size=batch_size,
+                               num_workers=workers, cache_frames=cache)
     data.setup("test")
     loader = data.test_dataloader()[0]
     count = len(loader.dataset)
@@ -115,21 +119,32 @@ def bench_loader(annotations_dir: Path, videos_dir: Path, num_frames: int, worke
 
 
 def run(annotations_dir: Path, videos_dir: Path, prepared_dir: Path | None, workers: list[int], num_frames: int,
-        repeats: int) -> list[dict]:
-    """Every (source, mode, workers) row."""
+        repeats: int, batch_size: int = 2) -> list[dict]:
+    """Every (source, mode, workers) row.
+
+    Raises:
+        ValueError: fewer than 4 loader batches per worker (the loader would be timed idle).
+    """
     ids = [row["video_id"] for row in csv.DictReader(open(annotations_dir / "MSRVTT_JSFUSION_test.csv"))]
+    batches = -(-len(ids) // batch_size)
+    if batches < 4 * max(workers + [1]):
+        raise ValueError(f"{len(ids)} clips in batches of {batch_size} make {batches} loader batches: fewer than 4 "
+                         f"per worker at {max(workers)} workers (raise --num-videos or lower --batch-size)")
     sources = {"original": videos_dir, **({"prepared": prepared_dir} if prepared_dir else {})}
     rows = []
     for source, folder in sources.items():
         paths = [str(folder / f"{video_id}.mp4") for video_id in ids]
         for w in workers:
             raw = bench_raw(paths, num_frames, w, repeats)
-            modes = {"raw": raw, "loader": bench_loader(annotations_dir, folder, num_frames, w, repeats, False)}
+            loader = bench_loader(annotations_dir, folder, num_frames, w, repeats, False, batch_size)
+            modes = {"raw": raw, "loader": loader}
             if source == "original":
-                modes["loader_cached"] = bench_loader(annotations_dir, folder, num_frames, w, repeats, True)
+                modes["loader_cached"] = bench_loader(annotations_dir, folder, num_frames, w, repeats, True,
+                                                     batch_size)
             for mode, clips in modes.items():
                 rows.append({"source": source, "mode": mode, "workers": w, "num_videos": len(paths),
-                             "num_frames": num_frames, "clips_per_s": round(clips, 2), "ratio": round(clips / raw, 3),
+                             "num_frames": num_frames, "batch_size": batch_size, "clips_per_s": round(clips, 2),
+                             "ratio": round(clips / raw, 3), "host_load": round(os.getloadavg()[0], 2),
                              "pyav": av.__version__, "python": platform.python_version()})
                 print(f"{source:9s} {mode:14s} workers={w}: {clips:8.2f} clips/s ({clips / raw:.2f}x raw)")
     return rows
@@ -140,10 +155,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="vtr bench loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--annotations-dir", type=Path, help="MSR-VTT-layout folder (default: generated clips)")
     parser.add_argument("--videos-dir", type=Path, help="its videos (default: <annotations-dir>/videos)")
-    parser.add_argument("--num-videos", type=int, default=24, help="generated clips")
+    parser.add_argument("--num-videos", type=int, default=32, help="generated clips")
     parser.add_argument("--seconds", type=int, default=8, help="length of the generated clips")
     parser.add_argument("--num-frames", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="the loader's batch size (>= 4 batches per worker; a worker produces whole batches)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-prepared", action="store_true", help="skip the vtr-prepared copies")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         prepared = root / "prepared" if not args.annotations_dir else args.out / "prepared-videos"
         if failures := prepare_folder(videos, prepared, max(args.workers) or 1):
             raise SystemExit(f"vtr bench loader: {len(failures)} videos could not be prepared")
-    rows = run(root, videos, prepared, args.workers, args.num_frames, args.repeats)
+    rows = run(root, videos, prepared, args.workers, args.num_frames, args.repeats, args.batch_size)
     path = args.out / result_filename("loader", torch.device("cpu"), "uint8", os.cpu_count() or 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
