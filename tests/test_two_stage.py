@@ -142,7 +142,7 @@ def test_latency_times_a_two_stage_retriever(pair):
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step_per_vector():
-    from retrieval.bench.gallery import dequantize, exact_topk, quantize, recall_at
+    from retrieval.topk import dequantize, exact_topk, quantize, recall_at
 
     x = torch.randn(500, 64, generator=torch.Generator().manual_seed(0)) * torch.rand(500, 1) * 10
     codes, scale = quantize(x, "int8")
@@ -183,7 +183,7 @@ def test_gallery_rows_timed_on_a_busy_cpu_say_so(monkeypatch):
 
 
 def test_int8_search_with_a_last_chunk_of_few_rows_is_exact_on_its_codes():
-    from retrieval.bench.gallery import dequantize, exact_topk, quantize
+    from retrieval.topk import dequantize, exact_topk, quantize
 
     x = torch.randn(70, 16, generator=torch.Generator().manual_seed(2))
     codes, scale = quantize(x, "int8")

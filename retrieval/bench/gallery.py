@@ -7,9 +7,10 @@
   its exact-search recall@10 against the fp32 ranking; FAISS (flat, IVF, HNSW) where installed,
   rows in the same CSV.
 
-The exact search (:func:`exact_topk`) scores the gallery in chunks and keeps each chunk's top
-k, so the ``[B, N]`` score matrix (at batch 64 as large as an fp32 gallery of D = 64) is never
-written and read back: per chunk it stays in cache. Vectors are random unit Gaussians (seeded):
+The exact search is :func:`retrieval.topk.exact_topk`: its ``"torch"`` kernel (chunks, each
+chunk's top k) and, on CUDA, its ``"triton"`` kernel (one fused pass writing block maxima, then
+the rows of the best k blocks), both timed where ``--kernel`` names them; neither writes the
+``[B, N]`` score matrix back to memory whole. Vectors are random unit Gaussians (seeded):
 the top 10 of a random query is then separated by small margins, the hard case for a
 quantised store, so its recall@10 is a pessimistic figure; real features tiled would tie.
 """
@@ -32,14 +33,14 @@ from retrieval.bench.floors import memory_bandwidth_gbs, time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
+from retrieval.topk import KERNELS, STORES, exact_topk, quantize, recall_at, resolve_kernel
 
 log = logging.getLogger(__name__)
 
-STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-COLUMNS = ("index", "store", "dim", "gallery", "batch", "k", "params", "device", "threads", "ms_per_query_median",
+COLUMNS = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads", "ms_per_query_median",
            "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "bytes_per_video",
            "gallery_mb", "recall_at_k", "bandwidth_gbs", "torch", "vtr", "note")
-ROW_KEY = ("index", "store", "dim", "gallery", "batch", "k", "params", "device", "threads")
+ROW_KEY = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -83,85 +84,6 @@ def gallery_from(model: Retriever, features: VideoFeatures, n: int, headroom: fl
     return features.to(device).repeat_to(n)
 
 
-# ---------------------------------------------------------------------- stores
-def quantize(x: Tensor, store: str) -> tuple[Tensor, Tensor | None]:
-    """``x [N, D]`` stored as ``store``: ``(codes, scale)``; int8 is symmetric with one fp32
-    scale per vector (``max |x_i| / 127``, round to nearest), other stores have no scale.
-
-    The round-trip error of one element is at most half a step: ``scale_i / 2``.
-    """
-    if store not in STORES:
-        raise ValueError(f"store must be one of {sorted(STORES)}, got {store!r}")
-    if store != "int8":
-        return x.to(STORES[store]), None
-    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale.float()
-
-
-def dequantize(codes: Tensor, scale: Tensor | None) -> Tensor:
-    """fp32 vectors from :func:`quantize`'s output."""
-    return codes.float() if scale is None else codes.float() * scale
-
-
-def chunk_rows(batch: int, dim: int, budget_bytes: int = 2**20) -> int:
-    """Gallery rows per chunk so that a chunk's ``[rows, batch]`` fp32 scores and its
-    dequantised ``[rows, dim]`` copy stay in cache."""
-    return max(1024, budget_bytes // (4 * (batch + dim)))
-
-
-def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
-               chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """Exact top ``k`` inner products of fp32 ``queries [B, D]`` over a stored gallery, chunked.
-
-    Each chunk is scored gallery-major (``[rows, D] x [D, B]``) into one preallocated buffer:
-    a fresh output per chunk costs page faults that, on this project's CPU, took longer than
-    the product itself. An int8 store is scored by an int8 x int8 -> int32 product
-    (``torch._int_mm``) against the queries quantised the same way (one scale per query, the
-    batch padded to 8 columns as the CUDA kernel needs), then scaled per (video, query);
-    bf16/fp16 stores are scored in their precision. Each chunk keeps its top k; the candidates
-    are merged at the end.
-
-    Returns:
-        ``(scores [B, k], indices [B, k])``, best first.
-    """
-    n, b, k = len(codes), len(queries), min(k, len(codes))
-    if codes.device.type == "cuda" and chunk is None:
-        # no cache to fit: cache-sized chunks (1024 rows at D = 512) would be launch-bound, ~1k
-        # launches per query at 1M; a chunk holds up to 64M scores (256 MB of fp32)
-        chunk = max(65536, 2**26 // max(b, 8))
-    if scale is None:
-        chunk = min(n, chunk or chunk_rows(b, codes.shape[1]))
-        q = queries.to(codes.dtype).T.contiguous()  # [D, B]
-        scores = torch.empty(chunk, b, dtype=codes.dtype, device=codes.device)
-    else:  # the int8 kernel is slow on narrow chunks at batch 1 (throwaway timings: 300 ms vs 3 ms)
-        chunk = min(n, chunk or max(2048, 65536 // b))
-        q_codes, q_scale = quantize(queries.float(), "int8")
-        q = torch.nn.functional.pad(q_codes, (0, 0, 0, -b % 8)).T.contiguous()  # [D, B padded to 8]
-        q_scale = q_scale.T  # [1, B]
-    values, indices = [], []
-    for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        part = codes[start:start + rows]
-        if scale is None:
-            out = torch.mm(part, q, out=scores[:rows])
-        else:
-            if rows <= 16:  # CUDA's int8 kernel needs more than 16 rows: zero rows, sliced off
-                part = torch.nn.functional.pad(part, (0, 0, 0, 17 - rows))
-            out = torch._int_mm(part, q)[:rows, :b].float().mul_(scale[start:start + rows]).mul_(q_scale)
-        top = out.topk(min(k, rows), dim=0)
-        values.append(top.values.float())
-        indices.append(top.indices + start)
-    values, indices = torch.cat(values).T, torch.cat(indices).T  # [B, chunks * k]
-    best = values.topk(k, dim=1)
-    return best.values, indices.gather(1, best.indices)
-
-
-def recall_at(found: Tensor, truth: Tensor) -> float:
-    """Mean fraction of each row of ``truth`` (ids) that ``found`` holds, in percent."""
-    hits = (found[:, :, None] == truth[:, None, :]).any(dim=1).double().mean()
-    return 100.0 * hits.item()
-
-
 # ---------------------------------------------------------------------- ``vtr bench gallery``
 def contention_note(device: torch.device, threads: int) -> str:
     """A note for rows timed on a CPU whose other load leaves fewer idle cores than ``threads``.
@@ -180,12 +102,12 @@ def contention_note(device: torch.device, threads: int) -> str:
             f"(rerun on an idle host or with --threads {max(1, int(cores - load))})")
 
 
-def _row(index: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
+def _row(index: str, kernel: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
          bytes_per_video: float, bandwidth: float, recall: float, device: torch.device) -> dict[str, Any]:
     per_query = sorted(1e3 * t / batch for t in times)
     p50, p99 = (float(torch.quantile(torch.tensor(per_query, dtype=torch.float64), q)) for q in (0.5, 0.99))
     floor = 1e3 * n * bytes_per_video / (bandwidth * 1e9) / batch
-    return {"index": index, "store": store, "dim": dim, "gallery": n, "batch": batch, "k": k, "params": params,
+    return {"index": index, "kernel": kernel, "store": store, "dim": dim, "gallery": n, "batch": batch, "k": k, "params": params,
             "device": device_name(device), "threads": torch.get_num_threads(),
             "ms_per_query_median": statistics.median(per_query), "ms_per_query_p50": p50, "ms_per_query_p99": p99,
             "repeats": len(times), "read_floor_ms": floor, "ratio_to_floor": statistics.median(per_query) / floor,
@@ -194,24 +116,28 @@ def _row(index: str, store: str, dim: int, n: int, batch: int, k: int, params: s
 
 
 def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str], k: int = 10, repeats: int = 5,
-                 device: str = "cpu", faiss_indexes: bool = False, seed: int = 0) -> list[dict[str, Any]]:
-    """Exact top-k over ``n`` random unit vectors stored each way (and FAISS's indexes where asked),
-    timed per query batch; recall@k against the fp32 exact top-k of the same queries."""
+                 device: str = "cpu", faiss_indexes: bool = False, seed: int = 0,
+                 kernels: Sequence[str] = ("auto",)) -> list[dict[str, Any]]:
+    """Exact top-k over ``n`` random unit vectors stored each way with each of ``kernels`` (and
+    FAISS's indexes where asked), timed per query batch; recall@k against the fp32 top-k of the
+    same queries by the ``"torch"`` kernel."""
     dev = torch.device(device)
+    kernels = list(dict.fromkeys(resolve_kernel(kernel, dev) for kernel in kernels))
     generator = torch.Generator().manual_seed(seed)
     gallery = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(dev)
     queries = {b: torch.nn.functional.normalize(torch.randn(b, dim, generator=generator), dim=1).to(dev)
                for b in batches}
     bandwidth = memory_bandwidth_gbs(str(dev), torch.get_num_threads())
-    truth = {b: exact_topk(q, gallery, None, k)[1] for b, q in queries.items()}
+    truth = {b: exact_topk(q, gallery, None, k, kernel="torch")[1] for b, q in queries.items()}
     rows = []
     for store in stores:
         codes, scale = (gallery, None) if store == "fp32" else quantize(gallery, store)
         per_video = codes[0].numel() * codes.element_size() + (4 if scale is not None else 0)
-        for b, q in queries.items():
-            times = time_steps(lambda: exact_topk(q, codes, scale, k), dev, 1, repeats)
-            recall = recall_at(exact_topk(q, codes, scale, k)[1], truth[b])
-            rows.append(_row("exact", store, dim, n, b, k, "", times, per_video, bandwidth, recall, dev))
+        for kernel in kernels:
+            for b, q in queries.items():
+                times = time_steps(lambda: exact_topk(q, codes, scale, k, kernel=kernel), dev, 1, repeats)
+                recall = recall_at(exact_topk(q, codes, scale, k, kernel=kernel)[1], truth[b])
+                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, bandwidth, recall, dev))
     if faiss_indexes:
         rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats, bandwidth)
     return rows
@@ -241,7 +167,7 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
             qn = q.numpy()
             times = time_steps(lambda: index.search(qn, k), torch.device("cpu"), 1, repeats)
             found = torch.from_numpy(index.search(qn, k)[1]).long()
-            rows.append(_row(name, "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth, recall_at(found, truth[b]),
+            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth, recall_at(found, truth[b]),
                              torch.device("cpu")))
     return rows
 
@@ -258,6 +184,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernel", nargs="+", choices=KERNELS, default=["auto"],
+                   help="exact-search kernels to time (auto: triton on CUDA where installed, else torch)")
     p.add_argument("--faiss", action="store_true", help="add FAISS flat / IVF / HNSW rows (needs faiss-cpu)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (committed: experiments/results)")
     p.set_defaults(tool=__name__)
@@ -277,10 +205,11 @@ def run(args: argparse.Namespace) -> None:
         if note:
             log.warning("vtr bench gallery N=%d: %s", n, note)
         rows += [{**row, "note": note} for row in bench_stores(n, args.dim, args.batch, args.store, args.k,
-                                                               args.repeats, args.device, args.faiss)]
+                                                               args.repeats, args.device, args.faiss,
+                                                               kernels=args.kernel)]
         merge_rows(path, rows, COLUMNS, ROW_KEY)
-    print(f"{'index':<11}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'floor':>9}{'ratio':>7}{'recall':>8}")
+    print(f"{'index':<11}{'kernel':<7}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'floor':>9}{'ratio':>7}{'recall':>8}")
     for r in rows:
-        print(f"{r['index']:<11}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
+        print(f"{r['index']:<11}{r['kernel']:<7}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
               f"{r['ms_per_query_p99']:>9.3g}{r['read_floor_ms']:>9.3g}{r['ratio_to_floor']:>7.2f}{r['recall_at_k']:>8.1f}")
     print(f"wrote {path}")

@@ -1,0 +1,268 @@
+"""Exact top-k inner products over a stored fusion-free gallery: fp32, bf16/fp16 or int8.
+
+A fusion-free query is one product with the gallery and a top-k. At a million videos that is a
+memory-bound read of the gallery (2 GB at D = 512 in fp32), so what matters is reading it once
+and writing little else.
+
+- :func:`quantize` / :func:`dequantize`: the stores (int8: symmetric, one fp32 scale per vector).
+- :func:`exact_topk`: the search. Two kernels, one definition of the scores:
+
+  - ``"torch"`` (any device): the gallery scored in chunks (``[rows, D] x [D, B]`` into one
+    preallocated buffer), each chunk's top k kept, the candidates merged at the end.
+  - ``"triton"`` (CUDA, or Triton's interpreter): **block-max pruning**, exact. One fused pass
+    reads the gallery once and writes only each block's best score per query
+    (``[B, N / block]``, 64 rows per block), never the ``[B, N]`` score matrix. The true top k
+    lie in the k blocks with the largest block maxima: the k-th largest block maximum is a
+    score that k distinct videos reach or beat, so it is at most the k-th best score, and a
+    video in the top k sits in a block whose maximum is at least that. A second pass scores the
+    rows of those k blocks per query and takes their top k. Ties at the k-th block maximum can
+    leave out an equally scored block: the result is then another valid top k.
+
+- Scores, both kernels: fp32 store, fp32 products; bf16/fp16 store, the query cast to the
+  store's precision (the ``"torch"`` kernel rounds the scores to it too, the ``"triton"`` one
+  keeps them in fp32: its ties are fewer); int8 store, the query quantised the same way, the
+  integer product exact, then ``scale_video * scale_query``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+KERNELS = ("auto", "torch", "triton")
+BLOCK_ROWS = 64
+"""Gallery rows per block of the Triton kernel (the rows re-scored per query: ``k * BLOCK_ROWS``)."""
+
+
+def quantize(x: Tensor, store: str) -> tuple[Tensor, Tensor | None]:
+    """``x [N, D]`` stored as ``store``: ``(codes, scale)``; int8 is symmetric with one fp32
+    scale per vector (``max |x_i| / 127``, round to nearest), other stores have no scale.
+
+    The round-trip error of one element is at most half a step: ``scale_i / 2``.
+    """
+    if store not in STORES:
+        raise ValueError(f"store must be one of {sorted(STORES)}, got {store!r}")
+    if store != "int8":
+        return x.to(STORES[store]), None
+    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def dequantize(codes: Tensor, scale: Tensor | None) -> Tensor:
+    """fp32 vectors from :func:`quantize`'s output."""
+    return codes.float() if scale is None else codes.float() * scale
+
+
+def chunk_rows(batch: int, dim: int, budget_bytes: int = 2**20) -> int:
+    """Gallery rows per chunk so that a chunk's ``[rows, batch]`` fp32 scores and its
+    dequantised ``[rows, dim]`` copy stay in cache."""
+    return max(1024, budget_bytes // (4 * (batch + dim)))
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernel can run here: Triton importable, and a CUDA device or the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``"auto"``: Triton on CUDA where it is installed, else torch.
+
+    Raises:
+        ValueError: an unknown kernel, or ``"triton"`` where it cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if kernel == "triton" and not (triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError("kernel 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    return kernel
+
+
+def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int, chunk: int | None = None,
+               kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact top ``k`` inner products of fp32 ``queries [B, D]`` over a stored gallery.
+
+    Args:
+        queries: fp32 ``[B, D]``.
+        codes: the store ``[N, D]`` (fp32, bf16, fp16 or int8).
+        scale: int8's ``[N, 1]`` scales, else ``None``.
+        k: results per query (at most ``N``).
+        chunk: rows per chunk of the ``"torch"`` kernel (default: cache-sized on the CPU, up to
+            64M scores on CUDA).
+        kernel: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
+
+    Returns:
+        ``(scores [B, k], indices [B, k])``, best first.
+    """
+    if (scale is None) == (codes.dtype == torch.int8):
+        raise ValueError("an int8 store needs its scales, and only an int8 store has them")
+    if resolve_kernel(kernel, codes.device) == "triton":
+        return _blockmax_topk(queries, codes, scale, k)
+    return _chunked_topk(queries, codes, scale, k, chunk)
+
+
+def _query_operand(queries: Tensor, codes: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The queries as the store scores them: its dtype, or int8 codes with one scale per query."""
+    if scale is None:
+        return queries.to(codes.dtype), None
+    q_codes, q_scale = quantize(queries.float(), "int8")
+    return q_codes, q_scale
+
+
+def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
+                  chunk: int | None) -> tuple[Tensor, Tensor]:
+    """The ``"torch"`` kernel.
+
+    Each chunk is scored gallery-major (``[rows, D] x [D, B]``) into one preallocated buffer:
+    a fresh output per chunk costs page faults that, on this project's CPU, took longer than
+    the product itself. An int8 store is scored by ``torch._int_mm`` (int8 x int8 -> int32,
+    the batch padded to 8 columns as the CUDA kernel needs), then scaled per (video, query).
+    """
+    n, b, k = len(codes), len(queries), min(k, len(codes))
+    if codes.device.type == "cuda" and chunk is None:
+        # no cache to fit: cache-sized chunks (1024 rows at D = 512) would be launch-bound, ~1k
+        # launches per query at 1M; a chunk holds up to 64M scores (256 MB of fp32)
+        chunk = max(65536, 2**26 // max(b, 8))
+    q, q_scale = _query_operand(queries, codes, scale)
+    if scale is None:
+        chunk = min(n, chunk or chunk_rows(b, codes.shape[1]))
+        q = q.T.contiguous()  # [D, B]
+        scores = torch.empty(chunk, b, dtype=codes.dtype, device=codes.device)
+    else:  # the int8 kernel is slow on narrow chunks at batch 1 (throwaway timings: 300 ms vs 3 ms)
+        chunk = min(n, chunk or max(2048, 65536 // b))
+        q = torch.nn.functional.pad(q, (0, 0, 0, -b % 8)).T.contiguous()  # [D, B padded to 8]
+        q_scale = q_scale.T  # [1, B]
+    values, indices = [], []
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        part = codes[start:start + rows]
+        if scale is None:
+            out = torch.mm(part, q, out=scores[:rows])
+        else:
+            if rows <= 16:  # CUDA's int8 kernel needs more than 16 rows: zero rows, sliced off
+                part = torch.nn.functional.pad(part, (0, 0, 0, 17 - rows))
+            out = torch._int_mm(part, q)[:rows, :b].float().mul_(scale[start:start + rows]).mul_(q_scale)
+        top = out.topk(min(k, rows), dim=0)
+        values.append(top.values.float())
+        indices.append(top.indices + start)
+    values, indices = torch.cat(values).T, torch.cat(indices).T  # [B, chunks * k]
+    best = values.topk(k, dim=1)
+    return best.values, indices.gather(1, best.indices)
+
+
+# ---------------------------------------------------------------------- the Triton kernel
+@functools.cache
+def _kernels():
+    """The two Triton kernels, compiled on first use (Triton is imported only here)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_max(codes, scale, queries, q_scale, out, n, b, dim, num_blocks,
+                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT: tl.constexpr, INT8: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """``out[q, j]`` = the best score of query ``q`` over the rows of block ``j``."""
+        block, query_block = tl.program_id(0), tl.program_id(1)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        qs = query_block * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok, q_ok = rows < n, qs < b
+        if DOT and INT8:
+            acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        for start in range(0, dim, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            x = tl.load(codes + rows[:, None].to(tl.int64) * dim + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_N, BLOCK_D]
+            q = tl.load(queries + qs[None, :] * dim + cols[:, None],
+                        mask=q_ok[None, :] & col_ok[:, None], other=0)  # [BLOCK_D, BLOCK_B]
+            if UPCAST:  # bf16: exact in TF32 (8 of its 10 mantissa bits), so the products stay exact
+                x, q = x.to(tl.float32), q.to(tl.float32)
+            if DOT:
+                if INT8:
+                    acc = tl.dot(x, q, acc)
+                else:
+                    acc = tl.dot(x, q, acc, input_precision=PRECISION)
+            else:  # one query: products in fp32 on the CUDA cores (the read is the cost)
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
+        s = acc.to(tl.float32)
+        if INT8:
+            s = s * tl.load(scale + rows, mask=row_ok, other=0.0)[:, None]
+            s = s * tl.load(q_scale + qs, mask=q_ok, other=0.0)[None, :]
+        s = tl.where(row_ok[:, None], s, float("-inf"))
+        tl.store(out + qs * num_blocks + block, tl.max(s, axis=0), mask=q_ok)
+
+    @triton.jit
+    def block_scores(codes, scale, queries, q_scale, blocks, out, n, dim, num_picked,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr):
+        """``out[q, i * BLOCK_N + r]`` = query ``q``'s score of row ``r`` of its ``i``-th picked block."""
+        query, pick = tl.program_id(0), tl.program_id(1)
+        block = tl.load(blocks + query * num_picked + pick)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for start in range(0, dim, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            x = tl.load(codes + rows[:, None].to(tl.int64) * dim + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0)
+            q = tl.load(queries + query * dim + cols, mask=col_ok, other=0)
+            acc += tl.sum(x.to(tl.float32) * q.to(tl.float32)[None, :], axis=1)
+        if INT8:
+            acc = acc * tl.load(scale + rows, mask=row_ok, other=0.0) * tl.load(q_scale + query)
+        acc = tl.where(row_ok, acc, float("-inf"))
+        tl.store(out + (query * num_picked + pick) * BLOCK_N + tl.arange(0, BLOCK_N), acc)
+
+    return block_max, block_scores
+
+
+def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """The ``"triton"`` kernel (module docstring): block maxima, then the rows of the best k blocks.
+
+    One query is scored on the CUDA cores in fp32 (a memory-bound read); a batch of 16 or more
+    by ``tl.dot``: int8 x int8 -> int32 (exact), fp16 with fp32 accumulation, bf16 as TF32 (a
+    bf16 value is exact in TF32: the products are bf16's, accumulated in fp32), fp32 at IEEE
+    precision (no TF32: the ranking must be fp32's, so it runs on the CUDA cores).
+    """
+    block_max, block_scores = _kernels()
+    codes, queries = codes.contiguous(), queries.contiguous()
+    n, dim = codes.shape
+    b, k = len(queries), min(k, len(codes))
+    q, q_scale = _query_operand(queries, codes, scale)
+    q = q.contiguous()
+    int8 = scale is not None
+    flat_scale = scale.reshape(-1).contiguous() if int8 else codes  # an unused pointer otherwise
+    q_scale = q_scale.reshape(-1).contiguous() if int8 else codes
+    num_blocks = -(-n // BLOCK_ROWS)
+    dot = b > 1
+    block_b = 1 if not dot else min(64, max(16, 1 << (b - 1).bit_length()))
+    block_d = 64 if dot else 128
+    maxima = torch.empty(b, num_blocks, dtype=torch.float32, device=codes.device)
+    bf16 = codes.dtype == torch.bfloat16
+    block_max[(num_blocks, -(-b // block_b))](
+        codes, flat_scale, q, q_scale, maxima, n, b, dim, num_blocks, BLOCK_N=BLOCK_ROWS, BLOCK_B=block_b,
+        BLOCK_D=block_d, DOT=dot, INT8=int8, UPCAST=dot and bf16, PRECISION="tf32" if bf16 else "ieee")
+    picked = maxima.topk(min(k, num_blocks), dim=1).indices.to(torch.int32).contiguous()  # [B, k blocks]
+    scores = torch.empty(b, picked.shape[1] * BLOCK_ROWS, dtype=torch.float32, device=codes.device)
+    block_scores[(b, picked.shape[1])](codes, flat_scale, q, q_scale, picked, scores, n, dim, picked.shape[1],
+                                       BLOCK_N=BLOCK_ROWS, BLOCK_D=128, INT8=int8)
+    best = scores.topk(k, dim=1)
+    rows = picked.long().repeat_interleave(BLOCK_ROWS, dim=1) * BLOCK_ROWS + torch.arange(
+        BLOCK_ROWS, device=codes.device).repeat(picked.shape[1])
+    return best.values, rows.gather(1, best.indices)
+
+
+def recall_at(found: Tensor, truth: Tensor) -> float:
+    """Mean fraction of each row of ``truth`` (ids) that ``found`` holds, in percent."""
+    hits = (found[:, :, None] == truth[:, None, :]).any(dim=1).double().mean()
+    return 100.0 * hits.item()

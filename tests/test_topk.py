@@ -1,0 +1,92 @@
+"""``retrieval.topk``: the exact search's two kernels against a float64 brute force.
+
+The Triton kernel runs here in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU):
+the same kernel source the GPU compiles, so the block-max pruning and both passes are checked
+without a GPU (its speed is ``vtr bench gallery --device cuda``'s business)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval.topk import exact_topk, quantize, resolve_kernel
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_triton_kernel_under_the_interpreter():
+    """Runs this file's ``interpreted`` tests in a process where Triton starts in interpreter mode
+    (Triton reads ``TRITON_INTERPRET`` when it is imported, so it cannot be switched in this one)."""
+    pytest.importorskip("triton")
+    if INTERPRETED:
+        pytest.skip("already the interpreted process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpreted",
+                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_triton_kernel_under_the_interpreter's process")
+
+
+def reference(queries, codes, scale, k):
+    """The scores each store defines, in float64, unchunked: (values, indices)."""
+    if scale is None:
+        q = queries.to(codes.dtype).double()
+        scores = q @ codes.double().T
+    else:
+        q_codes, q_scale = quantize(queries.float(), "int8")
+        scores = (q_codes.double() @ codes.double().T) * scale.double().T * q_scale.double()
+    return scores.topk(k, dim=1)
+
+
+def gallery(n=1000, dim=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(20, dim, generator=g), dim=1)
+    x[64:74] = torch.nn.functional.normalize(q[0] + 0.05 * torch.randn(10, dim, generator=g), dim=1)  # q0's top 10: one block
+    x[[5, 200, 400, 600, 999]] = torch.nn.functional.normalize(q[1] + 0.05 * torch.randn(5, dim, generator=g), dim=1)
+    return x, q  # q1's top 5: five blocks, the last one partial (1000 = 15 * 64 + 40)
+
+
+@pytest.mark.interpreted
+@interpreted
+@pytest.mark.parametrize("store", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 20])
+def test_triton_block_max_search_equals_brute_force(store, batch):
+    x, q = gallery()
+    q = q[:batch]
+    codes, scale = (x, None) if store == "fp32" else quantize(x, store)
+    want = reference(q, codes, scale, 10)
+    values, indices = exact_topk(q, codes, scale, 10, kernel="triton")
+    assert torch.equal(indices, want.indices)
+    torch.testing.assert_close(values.double(), want.values, rtol=1e-5, atol=1e-6)
+    if batch > 1:
+        assert set(indices[0].tolist()) == set(range(64, 74)) and {5, 200, 400, 600, 999} <= set(indices[1].tolist())
+
+
+@pytest.mark.interpreted
+@interpreted
+def test_both_kernels_agree_on_fp32_and_int8_and_k_up_to_the_gallery():
+    g = torch.Generator().manual_seed(4)
+    x, q = torch.randn(300, 32, generator=g), torch.randn(5, 32, generator=g)
+    for store in ("fp32", "int8"):
+        codes, scale = (x, None) if store == "fp32" else quantize(x, store)
+        for k in (1, 64, 300):  # one row; one block's worth; every row (all 5 blocks picked)
+            a = exact_topk(q, codes, scale, k, kernel="torch", chunk=100)
+            b = exact_topk(q, codes, scale, k, kernel="triton")
+            assert torch.equal(a[1], b[1]), (store, k)
+            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_choice_is_checked():
+    assert resolve_kernel("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        resolve_kernel("cublas", torch.device("cpu"))
+    x = torch.randn(10, 8)
+    with pytest.raises(ValueError, match="int8 store needs its scales"):
+        exact_topk(x[:2], quantize(x, "int8")[0], None, 3)
