@@ -55,6 +55,10 @@ def test_search_ranks_the_whole_gallery_with_the_methods_score(meanpool_index):
         expected = model.score(text, VideoFeatures(**index["features"]))[0]
     assert scores[0] == pytest.approx(expected.max().item(), rel=1e-5)
     assert ids[0] == index["video_ids"][int(expected.argmax())]
+    # fusion-free: retrieval.topk's exact search, the same order and logits as score + sort
+    order = expected.argsort(descending=True).tolist()
+    assert ids == [index["video_ids"][i] for i in order]
+    torch.testing.assert_close(torch.tensor(scores), expected[order], rtol=1e-5, atol=1e-5)
 
 
 def test_search_refuses_other_weights(meanpool_index, tmp_path):

@@ -22,6 +22,7 @@ from retrieval.features import VideoFeatures
 from retrieval.recipes import build_retriever, model_fingerprint, tokenize
 from retrieval.retriever import Retriever
 from retrieval.tools.index import indexed_checkpoint, load_index, none_or
+from retrieval.topk import exact_topk
 
 _FROM_INDEX = "index"
 
@@ -69,7 +70,9 @@ def search(
         device: where to score.
 
     Returns:
-        Per query, ``k`` pairs ``(video_id, score)`` best first; scores are ``score`` logits.
+        Per query, ``k`` pairs ``(video_id, score)`` best first; scores are ``score`` logits. A
+        fusion-free method is searched by :func:`retrieval.topk.exact_topk` (its logits are the
+        logit scale times the embeddings' product), any other by ``score_gallery`` and a top-k.
     """
     model = (model or load_indexed_method(index)).to(device).eval()
     gallery = VideoFeatures(**index["features"]).to(device)
@@ -78,6 +81,9 @@ def search(
         text = model.encode_text(tokenize(model, queries).to(device))
         if use_faiss:
             scores, ids = _faiss_topk(model, text.embedding, gallery, k)
+        elif model.fusion_free:  # one product: the exact search that reads the gallery once
+            values, ids = exact_topk(text.embedding.float(), gallery.embedding.float(), None, k)
+            scores = model.logit_scale().float() * values
         else:
             scores, ids = model.score_gallery(text, gallery).topk(k, dim=1)
     names = index["video_ids"]
