@@ -2,7 +2,8 @@
 
 The Triton kernel runs here in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU):
 the same kernel source the GPU compiles, so the block-max pruning and both passes are checked
-without a GPU (its speed is ``vtr bench gallery --device cuda``'s business)."""
+without a GPU (its speed is ``vtr bench gallery --device cuda``'s business). On a machine with
+CUDA the same tests run compiled, on the GPU (``pytest tests/test_topk.py``)."""
 
 import os
 import subprocess
@@ -30,7 +31,10 @@ def test_triton_kernel_under_the_interpreter():
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_triton_kernel_under_the_interpreter's process")
+CUDA = torch.cuda.is_available() and not INTERPRETED
+interpreted = pytest.mark.skipif(not (INTERPRETED or CUDA),
+                                 reason="runs in test_triton_kernel_under_the_interpreter's process (or on a GPU)")
+DEVICE = "cuda" if CUDA else "cpu"
 
 
 def reference(queries, codes, scale, k):
@@ -62,7 +66,8 @@ def test_triton_block_max_search_equals_brute_force(store, batch):
     q = q[:batch]
     codes, scale = (x, None) if store == "fp32" else quantize(x, store)
     want = reference(q, codes, scale, 10)
-    values, indices = exact_topk(q, codes, scale, 10, kernel="triton")
+    to = (lambda t: None if t is None else t.to(DEVICE))
+    values, indices = (t.cpu() for t in exact_topk(to(q), to(codes), to(scale), 10, kernel="triton"))
     assert torch.equal(indices, want.indices)
     torch.testing.assert_close(values.double(), want.values, rtol=1e-5, atol=1e-6)
     if batch > 1:
@@ -78,7 +83,8 @@ def test_both_kernels_agree_on_fp32_and_int8_and_k_up_to_the_gallery():
         codes, scale = (x, None) if store == "fp32" else quantize(x, store)
         for k in (1, 64, 300):  # one row; one block's worth; every row (all 5 blocks picked)
             a = exact_topk(q, codes, scale, k, kernel="torch", chunk=100)
-            b = exact_topk(q, codes, scale, k, kernel="triton")
+            to = (lambda t: None if t is None else t.to(DEVICE))
+            b = [t.cpu() for t in exact_topk(to(q), to(codes), to(scale), k, kernel="triton")]
             assert torch.equal(a[1], b[1]), (store, k)
             torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
 

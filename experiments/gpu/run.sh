@@ -14,11 +14,13 @@
 # (every tool writes its CSV after each method, so a timeout keeps what was measured):
 #   (a) vtr bench latency  fp16, cuda, every experiments/model recipe at ViT-B/32 shapes,
 #       galleries 1k/10k/100k/1M, batch 1 and 64                                    (<= 200 s)
-#   (b) vtr bench gallery  1M x 512, fp32/fp16/int8 stores, batch 1 and 64        (<= 60 s)
+#   (b) vtr bench gallery  1M x 512, fp32/bf16/fp16/int8 stores, batch 1 and 64, the exact search's
+#       torch and Triton kernels side by side (retrieval.topk)                    (<= 120 s)
 #   (c) vtr bench frontier on COMPARE_DIR, galleries 10k/100k                      (<= 60 s)
 #   (d) vtr bench train    clips/s and MFU of a ViT-B/32 bf16 training step per method,
 #       batch 32, the recipe's frames (12; prompt_switch 6), MFU against 989 TFLOP/s (<= 120 s)
 #
+# VTR_GPU_STEPS="b c": run only those steps (default: a b c d).
 # VTR_GPU_DRY_RUN=1: the same steps on the CPU at toy sizes (vtr-micro, 1k galleries, meanpool
 # and xclip only) to check the script itself.
 set -u
@@ -33,11 +35,11 @@ mkdir -p "$OUT"
 if [ "${VTR_GPU_DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu; GALLERIES="1000"; BACKBONE="--backbone vtr-micro"; GALLERY_N=1000
   RECIPES="--config experiments/model/meanpool.yaml --config experiments/model/xclip.yaml"
-  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(180 60 90 120)
+  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(180 120 90 120)
 else
   DEVICE=cuda; GALLERIES="1000 10000 100000 1000000"; BACKBONE=""; GALLERY_N=1000000
   RECIPES="--all --recipes-dir experiments/model"
-  TRAIN_BATCH=32; STEPS="--warmup 3 --steps 8"; FRONTIER_GALLERIES="10000 100000"; T=(200 60 60 120)
+  TRAIN_BATCH=32; STEPS="--warmup 3 --steps 8"; FRONTIER_GALLERIES="10000 100000"; T=(200 120 60 120)
 fi
 
 # ---- preflight: what a bare CUDA torch machine may lack (the project is not pip-installed)
@@ -67,8 +69,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
   --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
 
 FAILED=()
+RUN_STEPS=" ${VTR_GPU_STEPS:-a b c d} "
 step() {  # step NAME SECONDS ARGS...: one vtr command under its own timeout, timed
   local name=$1 limit=$2; shift 2
+  if [[ "$RUN_STEPS" != *" $name "* ]]; then echo "=== ($name) not in VTR_GPU_STEPS: skipped"; return; fi
   local start=$SECONDS rc=0
   echo "=== ($name) vtr $* [timeout ${limit}s]"
   timeout -k 10 "$limit" "$PY" -m retrieval.cli "$@" || rc=$?
@@ -79,8 +83,10 @@ step() {  # step NAME SECONDS ARGS...: one vtr command under its own timeout, ti
 step a "${T[0]}" bench latency $RECIPES $BACKBONE --pretrained none --device "$DEVICE" --dtype fp16 \
   --gallery $GALLERIES --batch 1 64 --real-videos 16 --offline-batch 8 --repeats 10 --warmup 2 \
   --max-seconds-per-point 2 --out "$OUT"
-step b "${T[1]}" bench gallery --gallery $GALLERY_N --dim 512 --store fp32 fp16 int8 --batch 1 64 --repeats 10 \
-  --device "$DEVICE" --out "$OUT"
+KERNELS="torch triton"
+[ "$DEVICE" = cpu ] && KERNELS="torch"
+step b "${T[1]}" bench gallery --gallery $GALLERY_N --dim 512 --store fp32 bf16 fp16 int8 --batch 1 64 --repeats 10 \
+  --kernel $KERNELS --device "$DEVICE" --out "$OUT"
 if [ -n "$COMPARE" ]; then
   ROLES=$("$PY" - "$COMPARE" <<'EOF'
 import csv, os, sys
