@@ -11,7 +11,7 @@ and writing little else.
     preallocated buffer), each chunk's top k kept, the candidates merged at the end.
   - ``"triton"`` (CUDA, or Triton's interpreter): **block-max pruning**, exact. One fused pass
     reads the gallery once and writes only each block's best score per query
-    (``[B, N / block]``, 64 rows per block), never the ``[B, N]`` score matrix. The true top k
+    (``[B, N / block]``, 64 rows per block by default), never the ``[B, N]`` score matrix. The true top k
     lie in the k blocks with the largest block maxima: the k-th largest block maximum is a
     score that k distinct videos reach or beat, so it is at most the k-th best score, and a
     video in the top k sits in a block whose maximum is at least that. A second pass scores the
@@ -34,8 +34,6 @@ from torch import Tensor
 
 STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 KERNELS = ("auto", "torch", "triton")
-BLOCK_ROWS = 64
-"""Gallery rows per block of the Triton kernel (the rows re-scored per query: ``k * BLOCK_ROWS``)."""
 
 
 def quantize(x: Tensor, store: str) -> tuple[Tensor, Tensor | None]:
@@ -162,79 +160,39 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
 # ---------------------------------------------------------------------- the Triton kernel
 @functools.cache
 def _kernels():
-    """The two Triton kernels, compiled on first use (Triton is imported only here)."""
-    import triton
-    import triton.language as tl
+    """The Triton kernels (``retrieval._topk_triton``), imported on first use."""
+    from retrieval import _topk_triton
 
-    @triton.jit
-    def block_max(codes, scale, queries, q_scale, out, n, b, dim, num_blocks,
-                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT: tl.constexpr, INT8: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """``out[q, j]`` = the best score of query ``q`` over the rows of block ``j``."""
-        block, query_block = tl.program_id(0), tl.program_id(1)
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        qs = query_block * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok, q_ok = rows < n, qs < b
-        if DOT and INT8:
-            acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.int32)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-        for start in range(0, dim, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_ok = cols < dim
-            x = tl.load(codes + rows[:, None].to(tl.int64) * dim + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_N, BLOCK_D]
-            q = tl.load(queries + qs[None, :] * dim + cols[:, None],
-                        mask=q_ok[None, :] & col_ok[:, None], other=0)  # [BLOCK_D, BLOCK_B]
-            if UPCAST:  # bf16: exact in TF32 (8 of its 10 mantissa bits), so the products stay exact
-                x, q = x.to(tl.float32), q.to(tl.float32)
-            if DOT:
-                if INT8:
-                    acc = tl.dot(x, q, acc)
-                else:
-                    acc = tl.dot(x, q, acc, input_precision=PRECISION)
-            else:  # one query: products in fp32 on the CUDA cores (the read is the cost)
-                acc += tl.sum(x.to(tl.float32)[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
-        s = acc.to(tl.float32)
-        if INT8:
-            s = s * tl.load(scale + rows, mask=row_ok, other=0.0)[:, None]
-            s = s * tl.load(q_scale + qs, mask=q_ok, other=0.0)[None, :]
-        s = tl.where(row_ok[:, None], s, float("-inf"))
-        tl.store(out + qs * num_blocks + block, tl.max(s, axis=0), mask=q_ok)
-
-    @triton.jit
-    def block_scores(codes, scale, queries, q_scale, blocks, out, n, dim, num_picked,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr):
-        """``out[q, i * BLOCK_N + r]`` = query ``q``'s score of row ``r`` of its ``i``-th picked block."""
-        query, pick = tl.program_id(0), tl.program_id(1)
-        block = tl.load(blocks + query * num_picked + pick)
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for start in range(0, dim, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_ok = cols < dim
-            x = tl.load(codes + rows[:, None].to(tl.int64) * dim + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0)
-            q = tl.load(queries + query * dim + cols, mask=col_ok, other=0)
-            acc += tl.sum(x.to(tl.float32) * q.to(tl.float32)[None, :], axis=1)
-        if INT8:
-            acc = acc * tl.load(scale + rows, mask=row_ok, other=0.0) * tl.load(q_scale + query)
-        acc = tl.where(row_ok, acc, float("-inf"))
-        tl.store(out + (query * num_picked + pick) * BLOCK_N + tl.arange(0, BLOCK_N), acc)
-
-    return block_max, block_scores
+    return _topk_triton.block_max_one, _topk_triton.block_max_many, _topk_triton.block_scores
 
 
-def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+TRITON_CONFIG = {
+    # one query: rows per block (the pruning unit), columns per step, warps, pipeline stages
+    ("one", "fp32"): (128, 128, 4, 2), ("one", "bf16"): (256, 128, 4, 2), ("one", "fp16"): (256, 128, 4, 2),
+    ("one", "int8"): (64, 512, 4, 2),
+    # a batch (tl.dot over up to 64 queries per program)
+    ("many", "fp32"): (128, 64, 8, 3), ("many", "bf16"): (128, 64, 4, 3), ("many", "fp16"): (128, 64, 8, 4),
+    ("many", "int8"): (128, 64, 8, 3),
+}
+"""Launch parameters of the first pass, per (one query or a batch, store): the fastest of a sweep
+on an H200 at 1M x 512 (``experiments/gpu/tune_topk.py``, its output
+``experiments/results/topk-tune_cuda-nvidia-h200_*.csv``: 16-24 settings each, do_bench)."""
+STORE_NAMES = {dtype: name for name, dtype in STORES.items()}
+
+
+def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
+                   config: dict | None = None) -> tuple[Tensor, Tensor]:
     """The ``"triton"`` kernel (module docstring): block maxima, then the rows of the best k blocks.
 
-    One query is scored on the CUDA cores in fp32 (a memory-bound read); a batch of 16 or more
-    by ``tl.dot``: int8 x int8 -> int32 (exact), fp16 with fp32 accumulation, bf16 as TF32 (a
-    bf16 value is exact in TF32: the products are bf16's, accumulated in fp32), fp32 at IEEE
-    precision (no TF32: the ranking must be fp32's, so it runs on the CUDA cores).
+    One query is scored on the CUDA cores in fp32 (a memory-bound read); a batch of two or more
+    by ``tl.dot``: int8 codes as fp16 (exact: integers up to 127, products and sums below 2^24 in
+    the fp32 accumulator), fp16 with fp32 accumulation, bf16 as TF32 (a bf16 value is exact in
+    TF32: the products are bf16's, accumulated in fp32), fp32 as TF32x3 (three TF32 products, about
+    fp32's precision). The second pass re-scores the picked rows in fp32 on the CUDA cores, so
+    the scores returned are the store's; the first pass only picks blocks (differences in its
+    last bits matter only between blocks whose maxima tie to them).
     """
-    block_max, block_scores = _kernels()
+    block_max_one, block_max_many, block_scores = _kernels()
     codes, queries = codes.contiguous(), queries.contiguous()
     n, dim = codes.shape
     b, k = len(queries), min(k, len(codes))
@@ -243,22 +201,28 @@ def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int)
     int8 = scale is not None
     flat_scale = scale.reshape(-1).contiguous() if int8 else codes  # an unused pointer otherwise
     q_scale = q_scale.reshape(-1).contiguous() if int8 else codes
-    num_blocks = -(-n // BLOCK_ROWS)
-    dot = b > 1
-    block_b = 1 if not dot else min(64, max(16, 1 << (b - 1).bit_length()))
-    block_d = 64 if dot else 128
+    rows_, cols_, warps_, stages_ = TRITON_CONFIG["one" if b == 1 else "many", STORE_NAMES[codes.dtype]]
+    cfg = {"block_rows": rows_, "block_d": cols_, "num_warps": warps_, "num_stages": stages_, **(config or {})}
+    rows_per_block = cfg["block_rows"]
+    num_blocks = -(-n // rows_per_block)
     maxima = torch.empty(b, num_blocks, dtype=torch.float32, device=codes.device)
-    bf16 = codes.dtype == torch.bfloat16
-    block_max[(num_blocks, -(-b // block_b))](
-        codes, flat_scale, q, q_scale, maxima, n, b, dim, num_blocks, BLOCK_N=BLOCK_ROWS, BLOCK_B=block_b,
-        BLOCK_D=block_d, DOT=dot, INT8=int8, UPCAST=dot and bf16, PRECISION="tf32" if bf16 else "ieee")
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if b == 1:
+        block_max_one[(num_blocks,)](codes, flat_scale, q, q_scale, maxima, n, dim, BLOCK_N=rows_per_block,
+                                     BLOCK_D=cfg["block_d"], INT8=int8, **launch)
+    else:
+        bf16 = codes.dtype == torch.bfloat16
+        block_b = min(64, max(16, 1 << (b - 1).bit_length()))
+        block_max_many[(num_blocks, -(-b // block_b))](
+            codes, flat_scale, q.T.contiguous(), q_scale, maxima, n, b, dim, num_blocks, BLOCK_N=rows_per_block,
+            BLOCK_B=block_b, BLOCK_D=cfg["block_d"], INT8=int8, UPCAST=bf16,
+            PRECISION="tf32" if bf16 else "tf32x3", **launch)
     picked = maxima.topk(min(k, num_blocks), dim=1).indices.to(torch.int32).contiguous()  # [B, k blocks]
-    scores = torch.empty(b, picked.shape[1] * BLOCK_ROWS, dtype=torch.float32, device=codes.device)
-    block_scores[(b, picked.shape[1])](codes, flat_scale, q, q_scale, picked, scores, n, dim, picked.shape[1],
-                                       BLOCK_N=BLOCK_ROWS, BLOCK_D=128, INT8=int8)
+    scores = torch.empty(b, picked.shape[1] * rows_per_block, dtype=torch.float32, device=codes.device)
+    rows = torch.empty(scores.shape, dtype=torch.int64, device=codes.device)
+    block_scores[(b, picked.shape[1])](codes, flat_scale, q, q_scale, picked, scores, rows, n, dim, picked.shape[1],
+                                       BLOCK_N=rows_per_block, BLOCK_D=128, INT8=int8)
     best = scores.topk(k, dim=1)
-    rows = picked.long().repeat_interleave(BLOCK_ROWS, dim=1) * BLOCK_ROWS + torch.arange(
-        BLOCK_ROWS, device=codes.device).repeat(picked.shape[1])
     return best.values, rows.gather(1, best.indices)
 
 
