@@ -192,3 +192,15 @@ def test_int8_search_with_a_last_chunk_of_few_rows_is_exact_on_its_codes():
     truth = (dequantize(q_codes, q_scale) @ dequantize(codes, scale).T).topk(5, dim=1)  # the same products, unchunked
     got = exact_topk(q, codes, scale, 5, chunk=64)  # chunks of 64 and 6 rows
     assert torch.equal(got[1], truth.indices) and torch.allclose(got[0], truth.values, rtol=1e-5)
+
+
+def test_gallery_faiss_rows_flat_is_exact_and_approximate_ones_report_their_recall():
+    pytest.importorskip("faiss")
+    from retrieval.bench.gallery import bench_stores
+
+    rows = bench_stores(2000, 16, [1, 4], ["fp32"], k=10, repeats=1, faiss_indexes=True)
+    faiss_rows = {(r["index"], r["batch"]): r for r in rows if r["index"].startswith("faiss")}
+    assert set(faiss_rows) == {(name, b) for name in ("faiss-flat", "faiss-ivf", "faiss-hnsw") for b in (1, 4)}
+    assert all(faiss_rows["faiss-flat", b]["recall_at_k"] == 100.0 for b in (1, 4))  # exact inner product
+    assert all(0 < r["recall_at_k"] <= 100 and r["ms_per_query_median"] > 0 for r in faiss_rows.values())
+    assert "nlist=" in faiss_rows["faiss-ivf", 1]["params"] and faiss_rows["faiss-hnsw", 1]["kernel"] == "faiss"
