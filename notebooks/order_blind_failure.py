@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:  # a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
 from retrieval.data import synthetic  # noqa: E402
-from retrieval.data.transforms import ClipTransform, backbone_image_size  # noqa: E402
+from retrieval.data.transforms import ClipTransform, backbone_image_size, normalize_frames  # noqa: E402
 from retrieval.data.video import sample_indices  # noqa: E402
 from retrieval.recipes import (  # noqa: E402
     build_retriever,
@@ -161,7 +161,7 @@ def pair_scores(retriever, data: dict) -> torch.Tensor:
     transform = ClipTransform(backbone_image_size(retriever.clip.name))
     mask = np.ones(count, dtype=bool)
     a, b = (transform(np.ascontiguousarray(video[index]), mask) for video in (frames_a, frames_b))
-    videos = torch.stack([a, b, a.flip(0)]).to(DTYPE)  # [3, T, 3, S, S]
+    videos = normalize_frames(torch.stack([a, b, a.flip(0)]), torch.ones(3, count, dtype=torch.bool)).to(DTYPE)
     gallery = retriever.prepare_gallery(retriever.encode_video(videos, torch.ones(3, count, dtype=torch.bool)))
     return retriever.score(retriever.encode_text(tokenize(retriever, captions)), gallery)
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from retrieval.backbone import create_clip
 from retrieval.data.datamodule import default_cache_dir
 from retrieval.data.synthetic import still_frames
-from retrieval.data.transforms import ClipTransform, backbone_image_size
+from retrieval.data.transforms import ClipTransform, backbone_image_size, normalize_frames
 from retrieval.losses import symmetric_infonce
 from retrieval.training import warmup_cosine
 
@@ -220,7 +220,8 @@ def _train(config: PretrainConfig, progress: bool) -> tuple[dict[str, torch.Tens
     size = backbone_image_size(config.backbone)[0]
     context = model.positional_embedding.shape[0]
     frames, descriptions = still_frames(config.num_frames, seed=config.seed, size=size, difficulty=config.difficulty)
-    images = ClipTransform((size, size))(frames, torch.ones(len(frames), dtype=torch.bool).numpy())  # [N, 3, S, S]
+    mask = torch.ones(len(frames), dtype=torch.bool)
+    images = normalize_frames(ClipTransform((size, size))(frames, mask.numpy()), mask)  # [N, 3, S, S]
     tokens = open_clip.get_tokenizer(config.backbone, context_length=context)(descriptions)  # [N, context]
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

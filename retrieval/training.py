@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor, nn
 
+from retrieval.data.transforms import normalize_frames
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.losses import gather_with_grad, symmetric_infonce, world
 from retrieval.metrics import RetrievalMetrics, summarize
@@ -123,6 +124,12 @@ class RetrievalModule(L.LightningModule):
             loss = symmetric_infonce(rows[name], columns[name], targets)
             losses[name] = loss if weight == 1.0 else weight * loss
         return losses, local
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """The loader's uint8 frames normalised on the model's device (``normalize_frames``)."""
+        if "frames" in batch:
+            batch["frames"] = normalize_frames(batch["frames"], batch["frame_mask"])
+        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         text = self.retriever.encode_text(batch["tokens"])

@@ -20,7 +20,7 @@ from retrieval.data import synthetic
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.data.datasets import FRAME_CACHE
 from retrieval.data.sampler import PairBatchSampler
-from retrieval.data.transforms import ClipTransform
+from retrieval.data.transforms import ClipTransform, normalize_frames
 from retrieval.data.video import VideoDecodeError, read_frames
 
 SMALL = {"synthetic_num_train": 24, "synthetic_num_val": 12, "synthetic_num_test": 12}
@@ -49,7 +49,7 @@ def dm(root):
 
 def test_train_batch_contract(dm):
     batch = next(iter(dm.train_dataloader()))
-    assert batch["frames"].shape == (8, 8, 3, 64, 64) and batch["frames"].dtype == torch.float32
+    assert batch["frames"].shape == (8, 8, 3, 64, 64) and batch["frames"].dtype == torch.uint8  # normalised on the device
     assert batch["frame_mask"].dtype == torch.bool and batch["frame_mask"].all()
     assert batch["tokens"].shape == (8, 32) and batch["tokens"].dtype == torch.long
     assert (batch["tokens"][:, 0] == 49406).all()  # open_clip SOT
@@ -157,11 +157,30 @@ def test_other_backbone_sets_image_size(root):
 def test_clip_transform():
     transform = ClipTransform((32, 32))
     frames = np.full((3, 40, 80, 3), 255, dtype=np.uint8)
-    out = transform(frames, np.array([True, True, False]))
-    assert out.shape == (3, 3, 32, 32)
+    mask = np.array([True, True, False])
+    out = transform(frames, mask)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8 and (out[:2] == 255).all() and not out[2].any()
+    normalised = normalize_frames(out[None], torch.from_numpy(mask)[None])[0]
     white = (1 - torch.tensor(open_clip.OPENAI_DATASET_MEAN)) / torch.tensor(open_clip.OPENAI_DATASET_STD)
-    torch.testing.assert_close(out[0, :, 16, 16], white)
-    assert not out[2].any()
+    torch.testing.assert_close(normalised[0, :, 16, 16], white)
+    assert normalised.dtype == torch.float32 and not normalised[2].any()  # padding is 0 after normalisation too
+    assert normalize_frames(normalised, torch.from_numpy(mask)) is normalised  # float: taken as normalised
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_frames(out.int(), torch.from_numpy(mask))
+
+
+def test_loader_frames_normalise_exactly_as_the_float_transform_did():
+    """uint8 out of the loader, normalised where the batch lands: bit for bit the float32
+    ``(x / 255 - mean) / std`` the transform used to return (masks with padding first or last)."""
+    rng = np.random.default_rng(1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for mask in (np.array([True, True, True, False]), np.array([False, True, True, True])):
+        frames = rng.integers(0, 256, size=(4, 40, 52, 3), dtype=np.uint8)
+        out = ClipTransform((32, 32))(frames, mask)
+        expected = torch.zeros(4, 3, 32, 32)
+        expected[torch.from_numpy(mask)] = (out[torch.from_numpy(mask)].float().div_(255) - mean) / std
+        assert torch.equal(normalize_frames(out, torch.from_numpy(mask)), expected)
 
 
 def test_clip_transform_resizes_as_clip_preprocessing_does():
@@ -171,14 +190,12 @@ def test_clip_transform_resizes_as_clip_preprocessing_does():
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(2, 45, 70, 3), dtype=np.uint8)
-    out = ClipTransform((32, 32))(frames, np.array([True, True]))
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    out = ClipTransform((32, 32))(frames, np.array([True, True])).float() / 255
     for frame, got in zip(frames, out):
         image = Image.fromarray(frame).resize((int(70 * 32 / 45), 32), Image.BICUBIC)  # (w, h): short side 32
         left = (image.width - 32) // 2
         expected = torch.from_numpy(np.asarray(image.crop((left, 0, left + 32, 32)))).permute(2, 0, 1) / 255
-        assert (got * std + mean - expected).abs().max() <= 1 / 255 + 1e-5
+        assert (got - expected).abs().max() <= 1 / 255 + 1e-5
 
 
 def test_argument_errors(root, monkeypatch, tmp_path):

@@ -219,3 +219,17 @@ def test_rgb_to_yuv420p_ignores_memory_layout():
         shifted[:] = frames
         np.testing.assert_array_equal(video.rgb_to_yuv420p(shifted), expected)
     np.testing.assert_array_equal(video.rgb_to_yuv420p(np.asfortranarray(frames)), expected)
+
+
+def test_decode_threads_share_the_cores_among_the_loaders_workers(monkeypatch):
+    from types import SimpleNamespace
+
+    from retrieval.data import video
+
+    monkeypatch.setattr(video.os, "cpu_count", lambda: 2)
+    assert video.decode_threads() == 2  # the main process: every core
+    for workers, threads in ((1, 2), (2, 1), (3, 1)):  # one worker on two cores takes both
+        monkeypatch.setattr(video.torch.utils.data, "get_worker_info", lambda w=workers: SimpleNamespace(num_workers=w))
+        assert video.decode_threads() == threads
+    monkeypatch.setattr(video.os, "cpu_count", lambda: 16)
+    assert video.decode_threads() == video.MAX_DECODE_THREADS  # capped: 3 workers x 4 threads on 16 cores

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 import retrieval
-from retrieval.recipes import checkpoint_recipe, retriever_from_checkpoint
 from retrieval.bench.results import DEFAULT_OUT, atomic_path, device_name, merge_rows, result_filename
 from retrieval.bench.timing import time_online
 from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.data.transforms import normalize_frames
 from retrieval.features import TextFeatures, VideoFeatures
 from retrieval.metrics import pair_metrics, retrieval_metrics
+from retrieval.recipes import checkpoint_recipe, retriever_from_checkpoint
 from retrieval.two_stage import TwoStage, join
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def test_features(model, data_args: dict[str, Any], device: str | torch.device =
     videos, captions = data.test_dataloader()
     model.to(device).eval()
     with torch.inference_mode():
-        video = VideoFeatures.cat([model.prepare_gallery(model.encode_video(b["frames"].to(device),
-                                                                            b["frame_mask"].to(device))) for b in videos])
+        video = VideoFeatures.cat([model.prepare_gallery(model.encode_video(
+            normalize_frames(b["frames"].to(device), b["frame_mask"]), b["frame_mask"].to(device))) for b in videos])
         text = TextFeatures.cat([model.encode_text(b["tokens"].to(device)) for b in captions])
         caption_video = torch.cat([b["video_index"] for b in captions])
         tokens = torch.cat([b["tokens"] for b in captions]).to(device)

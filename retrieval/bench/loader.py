@@ -5,13 +5,16 @@ For each worker count, clips/s of
 - ``raw``: plain PyAV, no vtr code: open the file, decode forward to the last sampled frame,
   convert the sampled frames (the same ``sample_indices`` over the container's frame count) to
   RGB arrays; with workers, the same function mapped over a warm process pool;
-- ``loader``: ``VideoTextDataModule``'s evaluation videos loader (decode, sample, CLIP
-  transform to the backbone's size, batching), iterated over the same clips;
+- ``loader``: ``VideoTextDataModule``'s evaluation videos loader (decode, sample, resize and
+  crop to the backbone's size in uint8, batching; the normalisation to float runs where the
+  batch lands, ``normalize_frames``), iterated over the same clips;
 - ``loader_cached``: the same loader with ``cache_frames`` on, second pass (frames from memory);
 - ``raw_prepared`` / ``loader_prepared``: both again on the ``vtr prepare``d copies (3 fps,
   short side 224) of the clips.
 
-``ratio`` = loader clips/s over raw clips/s at the same worker count (target >= 0.9). By
+The modes take turns within each of ``--repeats`` passes (medians reported), so a change in the
+machine's other load falls on all of them alike. ``ratio`` = loader clips/s over raw clips/s at
+the same worker count (target >= 0.9). By
 default the clips are generated once under ``$VTR_CACHE/bench-loader`` (MSR-VTT layout,
 ``--num-videos`` clips of ``--seconds`` s at 30 fps, 320x240); ``--annotations-dir`` /
 ``--videos-dir`` point it at a real MSR-VTT-layout test split instead. Results go to
@@ -22,6 +25,7 @@ default the clips are generated once under ``$VTR_CACHE/bench-loader`` (MSR-VTT 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -82,27 +86,17 @@ def generate_clips(root: Path, num_videos: int, seconds: int, fps: int = 30, siz
     return root
 
 
-def _time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def raw_pass(paths: list[str], num_frames: int, pool: ProcessPoolExecutor | None, workers: int = 0):
+    """One pass of ``raw_decode`` over ``paths``: inline, or mapped over a warm pool of ``workers``."""
+    if pool is None:
+        return lambda: [raw_decode(p, num_frames) for p in paths]
+    list(pool.map(raw_decode, paths[:workers], [num_frames] * workers))  # start the workers
+    return lambda: list(pool.map(raw_decode, paths, [num_frames] * len(paths)))
 
 
-def bench_raw(paths: list[str], num_frames: int, workers: int, repeats: int) -> float:
-    """Clips/s of ``raw_decode`` over ``paths`` (a warm pool of ``workers`` processes, or inline)."""
-    if workers == 0:
-        return len(paths) / _time(lambda: [raw_decode(p, num_frames) for p in paths], repeats)
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(raw_decode, paths[:workers], [num_frames] * workers))  # start the workers
-        return len(paths) / _time(lambda: list(pool.map(raw_decode, paths, [num_frames] * len(paths))), repeats)
-
-
-def bench_loader(annotations_dir: Path, videos_dir: Path, num_frames: int, workers: int, repeats: int,
-                 cache: bool, batch_size: int = 2) -> float:
-    """Clips/s of the DataModule's test videos loader (with ``cache``: a pass after the filling one).
+def loader_pass(annotations_dir: Path, videos_dir: Path, num_frames: int, workers: int, cache: bool,
+                batch_size: int = 2):
+    """One pass of the DataModule's test videos loader (with ``cache``: after the filling pass).
 
     A DataLoader worker produces whole batches, so ``batch_size`` must leave several batches per
     worker (:func:`run` checks): 8 clips in one batch of 8 keep one of two workers idle."""
@@ -111,11 +105,22 @@ def bench_loader(annotations_dir: Path, videos_dir: Path, num_frames: int, worke
                                num_workers=workers, cache_frames=cache)
     data.setup("test")
     loader = data.test_dataloader()[0]
-    count = len(loader.dataset)
     if cache or workers:
         for _ in loader:  # fills the cache / starts the persistent workers
             pass
-    return count / _time(lambda: [None for _ in loader], repeats)
+    return lambda: [None for _ in loader]
+
+
+def time_interleaved(passes: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds per pass of each mode, the modes taking turns within every repeat, so a
+    change in the machine's other load falls on all of them alike."""
+    times: dict[str, list[float]] = {mode: [] for mode in passes}
+    for _ in range(repeats):
+        for mode, one_pass in passes.items():
+            start = time.perf_counter()
+            one_pass()
+            times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(seconds) for mode, seconds in times.items()}
 
 
 def run(annotations_dir: Path, videos_dir: Path, prepared_dir: Path | None, workers: list[int], num_frames: int,
@@ -135,12 +140,13 @@ def run(annotations_dir: Path, videos_dir: Path, prepared_dir: Path | None, work
     for source, folder in sources.items():
         paths = [str(folder / f"{video_id}.mp4") for video_id in ids]
         for w in workers:
-            raw = bench_raw(paths, num_frames, w, repeats)
-            loader = bench_loader(annotations_dir, folder, num_frames, w, repeats, False, batch_size)
-            modes = {"raw": raw, "loader": loader}
-            if source == "original":
-                modes["loader_cached"] = bench_loader(annotations_dir, folder, num_frames, w, repeats, True,
-                                                     batch_size)
+            with ProcessPoolExecutor(w) if w else contextlib.nullcontext() as pool:
+                passes = {"raw": raw_pass(paths, num_frames, pool, w),
+                          "loader": loader_pass(annotations_dir, folder, num_frames, w, False, batch_size)}
+                if source == "original":
+                    passes["loader_cached"] = loader_pass(annotations_dir, folder, num_frames, w, True, batch_size)
+                modes = {mode: len(paths) / seconds for mode, seconds in time_interleaved(passes, repeats).items()}
+            raw = modes["raw"]
             for mode, clips in modes.items():
                 rows.append({"source": source, "mode": mode, "workers": w, "num_videos": len(paths),
                              "num_frames": num_frames, "batch_size": batch_size, "clips_per_s": round(clips, 2),
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=2,
                         help="the loader's batch size (>= 4 batches per worker; a worker produces whole batches)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-prepared", action="store_true", help="skip the vtr-prepared copies")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv[1:] if argv and argv[0] == "loader" else argv)

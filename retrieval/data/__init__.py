@@ -7,12 +7,13 @@ from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.data.formats import READERS, VideoRecord, read_split
 from retrieval.data.sampler import PairBatchSampler
 from retrieval.data.synthetic import generate, pair_info
-from retrieval.data.transforms import ClipTransform
+from retrieval.data.transforms import ClipTransform, normalize_frames
 from retrieval.data.video import VideoDecodeError, read_frames, sample_indices, write_video
 
 __all__ = [
     "READERS",
     "ClipTransform",
+    "normalize_frames",
     "PairBatchSampler",
     "VideoDecodeError",
     "VideoRecord",

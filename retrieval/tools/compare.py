@@ -79,6 +79,7 @@ from rich.console import Console
 from retrieval.bench.timing import time_offline, time_online
 from retrieval.data.datamodule import VideoTextDataModule
 from retrieval.data.datasets import FRAME_CACHE
+from retrieval.data.transforms import normalize_frames
 from retrieval.postprocess import Postprocess
 from retrieval.pretrain import PretrainConfig, pretrained_backbone
 from retrieval.recipes import build_retriever, read_recipe
@@ -214,7 +215,8 @@ def _timings(model: Retriever, data: VideoTextDataModule, preset: Preset) -> dic
         "ms_per_query_tiled": time_online(model, tokens, video.repeat_to(preset.tiled_gallery), batch_size=1,
                                           repeats=preset.timing_repeats),
     }
-    offline = time_offline(model, batch["frames"][:32], batch["frame_mask"][:32], batch_size=32,
+    offline = time_offline(model, normalize_frames(batch["frames"][:32], batch["frame_mask"][:32]),
+                           batch["frame_mask"][:32], batch_size=32,
                            repeats=max(1, preset.timing_repeats // 5))
     return {**{k: v["ms_per_query_median"] for k, v in online.items()}, "offline_ms_per_video": offline["ms_per_video"]}
 

@@ -36,6 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import retrieval
+from retrieval.bench.results import atomic_path
+from retrieval.data.datamodule import VideoTextDataModule
+from retrieval.data.transforms import normalize_frames
+from retrieval.features import VideoFeatures
 from retrieval.recipes import (
     build_retriever,
     checkpoint_recipe,
@@ -43,9 +47,6 @@ from retrieval.recipes import (
     read_recipe,
     retriever_from_checkpoint,
 )
-from retrieval.bench.results import atomic_path
-from retrieval.data.datamodule import VideoTextDataModule
-from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def encode_split(model: Retriever, datamodule: VideoTextDataModule, split: str,
     indices, parts = [], []
     with torch.inference_mode():
         for batch in loaders[0]:
-            video = model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))
+            mask = batch["frame_mask"].to(device)
+            video = model.encode_video(normalize_frames(batch["frames"].to(device), mask), mask)
             parts.append(model.prepare_gallery(video).to("cpu"))
             indices.append(batch["video_index"])
     order = torch.cat(indices).argsort()
