@@ -78,15 +78,15 @@ def test_triton_block_max_search_equals_brute_force(store, batch):
 @interpreted
 def test_both_kernels_agree_on_fp32_and_int8_and_k_up_to_the_gallery():
     g = torch.Generator().manual_seed(4)
-    x, q = torch.randn(300, 32, generator=g), torch.randn(5, 32, generator=g)
+    x, q = torch.randn(300, 32, generator=g), torch.randn(70, 32, generator=g)  # 70 queries: two query blocks
     for store in ("fp32", "int8"):
         codes, scale = (x, None) if store == "fp32" else quantize(x, store)
-        for k in (1, 64, 300):  # one row; one block's worth; every row (all 5 blocks picked)
+        for k in (1, 64, 300):  # one row; one block's worth; every row (every block picked)
             a = exact_topk(q, codes, scale, k, kernel="torch", chunk=100)
             to = (lambda t: None if t is None else t.to(DEVICE))
             b = [t.cpu() for t in exact_topk(to(q), to(codes), to(scale), k, kernel="triton")]
             assert torch.equal(a[1], b[1]), (store, k)
-            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)  # scores up to ~30: summation order
 
 
 def test_kernel_choice_is_checked():
