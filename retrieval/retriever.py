@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import TextFeatures, VideoFeatures
+from retrieval.topk import batched_gemv, one_query_products
 
 
 class Retriever(nn.Module):
@@ -195,6 +196,8 @@ class Retriever(nn.Module):
         ``eval_chunk_size`` videos, or fewer under the ``eval_chunk_pairs`` budget.
         """
         if self.fusion_free and chunk_size is None:  # one [Q, D] x [D, N] product reads the gallery once
+            if type(self).score is Retriever.score and batched_gemv(video.embedding, len(text)):
+                return self.logit_scale() * one_query_products(video.embedding, text.embedding)[None]
             return self.score(text, video)
         chunk = chunk_size or self.eval_chunk_size
         if chunk_size is None and self.eval_chunk_pairs is not None:

@@ -96,3 +96,29 @@ def test_kernel_choice_is_checked():
     x = torch.randn(10, 8)
     with pytest.raises(ValueError, match="int8 store needs its scales"):
         exact_topk(x[:2], quantize(x, "int8")[0], None, 3)
+
+
+def test_one_query_products_equal_the_plain_product_and_where_they_are_used():
+    from retrieval.topk import batched_gemv, one_query_products
+
+    g = torch.Generator().manual_seed(5)
+    for d in (128, 512):
+        gallery, query = torch.randn(3000, d, generator=g), torch.randn(1, d, generator=g)
+        torch.testing.assert_close(one_query_products(gallery, query), (gallery @ query.T)[:, 0], rtol=1e-5, atol=1e-4)
+        assert torch.equal(exact_topk(query, gallery, None, 10)[1], (query @ gallery.T).topk(10).indices)
+    assert batched_gemv(torch.zeros(5, 128), 1) and not batched_gemv(torch.zeros(5, 64), 1)  # MKL's gemv wins below
+    assert not batched_gemv(torch.zeros(5, 128), 2) and not batched_gemv(torch.zeros(5, 128, dtype=torch.float16), 1)
+
+
+def test_a_fusion_free_retrievers_one_query_gallery_scores_are_its_score():
+    from retrieval.features import TextFeatures, VideoFeatures
+    from retrieval.recipes import build_retriever
+
+    model = build_retriever({"class_path": "baselines.clip4clip.MeanPool",
+                             "init_args": {"backbone": "vtr-micro", "pretrained": None}})
+    g = torch.Generator().manual_seed(6)
+    video = VideoFeatures(embedding=torch.nn.functional.normalize(torch.randn(500, 256, generator=g), dim=1))
+    text = TextFeatures(embedding=torch.nn.functional.normalize(torch.randn(1, 256, generator=g), dim=1))
+    got = model.score_gallery(text, video)  # one query, 256 wide: the batched products
+    assert got.shape == (1, 500)
+    torch.testing.assert_close(got, model.score(text, video), rtol=1e-5, atol=1e-4)
