@@ -169,7 +169,7 @@ class TwoStage(Retriever):
         recall_video, rerank_video = split(video)
         if self.k >= len(video):  # every video re-ranked: the re-ranker itself
             return self.reranker.score_gallery(rerank_text, rerank_video, chunk_size)
-        recall = self.recaller.score(recall_text, recall_video)  # [Q, N]
+        recall = self.recaller.score_gallery(recall_text, recall_video)  # [Q, N]: the recaller's own fast path
         values, top = recall.topk(self.k, dim=1)  # [Q, k]
         # each query re-ranks its own k videos: a per-query call scores Q*k pairs, where one call
         # over the union of the batch's candidates would score Q times as many
