@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from retrieval.backbone import CLIPBackbone
 from retrieval.features import TextFeatures, VideoFeatures
-from retrieval.topk import batched_gemv, one_query_products
 
 
 class Retriever(nn.Module):
@@ -197,7 +196,7 @@ class Retriever(nn.Module):
         """
         if self.fusion_free and chunk_size is None:  # one [Q, D] x [D, N] product reads the gallery once
             if type(self).score is Retriever.score and batched_gemv(video.embedding, len(text)):
-                return self.logit_scale() * one_query_products(video.embedding, text.embedding)[None]
+                return self.logit_scale() * frame_products(video.embedding[:, None, :], text.embedding).view(1, -1)
             return self.score(text, video)
         chunk = chunk_size or self.eval_chunk_size
         if chunk_size is None and self.eval_chunk_pairs is not None:
@@ -211,9 +210,19 @@ class Retriever(nn.Module):
         return torch.cat([self.score_gallery(part, video, chunk) for _, part in text.chunks(chunk)])
 
 
+def batched_gemv(gallery: Tensor, queries: int) -> bool:
+    """Whether one query's product with a ``[N, D]`` gallery runs faster as :func:`frame_products`'
+    batched products (``gallery[:, None, :]``): one query, fp32 on the CPU, rows of 128 or more.
+    MKL runs ``[N, D] x [D, 1]`` as a gemv at a third of the memory's read rate there (2 threads,
+    one run, ms for 1M rows: D = 128 75 against 45 batched, D = 512 (500k rows) 101 against 34;
+    D = 64 15 against 20, so not below 128)."""
+    return queries == 1 and gallery.device.type == "cpu" and gallery.dtype == torch.float32 and gallery.shape[1] >= 128
+
+
 def frame_products(frames: Tensor, operand: Tensor) -> Tensor:
     """Every cached frame of a gallery chunk against every row of a text operand:
-    ``[N, T, D], [C, D] -> [N, T, C]`` (text-conditioned scorers, gallery-major).
+    ``[N, T, D], [C, D] -> [N, T, C]`` (text-conditioned scorers, gallery-major; one query over a
+    fusion-free gallery too, as ``[N, 1, D]`` frames, where :func:`batched_gemv` says so).
 
     One ``[N·T, D] x [D, C]`` GEMM reads the frames once. For a single column (one query's
     vector) it is a batched product against the stride-0 expanded column instead: MKL runs the

@@ -32,6 +32,8 @@ import os
 import torch
 from torch import Tensor
 
+from retrieval.retriever import batched_gemv, frame_products
+
 STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 KERNELS = ("auto", "torch", "triton")
 
@@ -83,22 +85,6 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     if kernel == "triton" and not (triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError("kernel 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
     return kernel
-
-
-def batched_gemv(gallery: Tensor, queries: int) -> bool:
-    """Whether one query's product with ``gallery`` runs faster batched (:func:`one_query_products`):
-    one query, fp32 on the CPU, rows of 128 or more. MKL runs ``[N, D] x [D, 1]`` as a gemv at a
-    third of the memory's read rate there (2 threads, one run, ms for 1M rows: D = 128 75 against
-    45 batched, D = 512 (500k rows) 101 against 34; D = 64 15 against 20, so not below 128)."""
-    return queries == 1 and gallery.device.type == "cpu" and gallery.dtype == torch.float32 and gallery.shape[1] >= 128
-
-
-def one_query_products(gallery: Tensor, query: Tensor) -> Tensor:
-    """``gallery [N, D]`` times one ``query [1, D]``: ``[N]``, as ``[N, 1, D] x [N, D, 1]`` batched
-    products against the stride-0 expanded query (see :func:`batched_gemv`)."""
-    n, d = gallery.shape
-    column = query.reshape(1, d).T.contiguous()[None]  # [1, D, 1] with strides (., 1, D): MKL's fast case;
-    return torch.bmm(gallery[:, None, :], column.expand(n, d, 1)).view(n)  # strides (., 1, 1) ran 5x slower
 
 
 def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int, chunk: int | None = None,
@@ -162,7 +148,7 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         rows = min(chunk, n - start)
         part = codes[start:start + rows]
         if one_column:
-            out = one_query_products(part, q_rows)[:, None]
+            out = frame_products(part[:, None, :], q_rows).view(rows, 1)
         elif scale is None:
             out = torch.mm(part, q, out=scores[:rows])
         else:

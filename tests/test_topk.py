@@ -98,13 +98,14 @@ def test_kernel_choice_is_checked():
         exact_topk(x[:2], quantize(x, "int8")[0], None, 3)
 
 
-def test_one_query_products_equal_the_plain_product_and_where_they_are_used():
-    from retrieval.topk import batched_gemv, one_query_products
+def test_one_query_batched_products_equal_the_plain_product_and_where_they_are_used():
+    from retrieval.retriever import batched_gemv, frame_products
 
     g = torch.Generator().manual_seed(5)
     for d in (128, 512):
         gallery, query = torch.randn(3000, d, generator=g), torch.randn(1, d, generator=g)
-        torch.testing.assert_close(one_query_products(gallery, query), (gallery @ query.T)[:, 0], rtol=1e-5, atol=1e-4)
+        products = frame_products(gallery[:, None, :], query).view(-1)  # the [N, 1, D] batched form
+        torch.testing.assert_close(products, (gallery @ query.T)[:, 0], rtol=1e-5, atol=1e-4)
         assert torch.equal(exact_topk(query, gallery, None, 10)[1], (query @ gallery.T).topk(10).indices)
     assert batched_gemv(torch.zeros(5, 128), 1) and not batched_gemv(torch.zeros(5, 64), 1)  # MKL's gemv wins below
     assert not batched_gemv(torch.zeros(5, 128), 2) and not batched_gemv(torch.zeros(5, 128, dtype=torch.float16), 1)
