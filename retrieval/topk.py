@@ -5,10 +5,19 @@ memory-bound read of the gallery (2 GB at D = 512 in fp32), so what matters is r
 and writing little else.
 
 - :func:`quantize` / :func:`dequantize`: the stores (int8: symmetric, one fp32 scale per vector).
-- :func:`exact_topk`: the search. Two kernels, one definition of the scores:
+- :func:`exact_topk`: the search. Three kernels, one definition of the scores:
 
   - ``"torch"`` (any device): the gallery scored in chunks (``[rows, D] x [D, B]`` into one
     preallocated buffer), each chunk's top k kept, the candidates merged at the end.
+  - ``"inductor"`` (the CPU's fast path for a few queries): one pass that reads each stored
+    code once and converts it in registers, compiled by ``torch.compile`` (Inductor's C++ on
+    the CPU, so it needs a C++ compiler there; the first call compiles, about 15 s cold, then
+    Inductor's on-disk cache serves later processes). A quantised store then costs its own
+    bytes: eager torch has no fused int8 or bf16 product with an fp32 query, and its int8
+    ``_int_mm`` and bf16 GEMV ran at 4-5x their read floor at batch 1 on this project's CPU.
+    Each chunk's top k is taken on 32 slices of it at once (one thread's ``topk`` over 1M
+    scores took 1.8 ms, slices 0.7 ms). Meant for batch 1 to about 16; a larger batch is a
+    GEMM, which the ``"torch"`` kernel's BLAS does better.
   - ``"triton"`` (CUDA, or Triton's interpreter): **block-max pruning**, exact. One fused pass
     reads the gallery once and writes only each block's best score per query
     (``[B, N / block]``, 64 rows per block by default), never the ``[B, N]`` score matrix. The true top k
@@ -18,10 +27,11 @@ and writing little else.
     rows of those k blocks per query and takes their top k. Ties at the k-th block maximum can
     leave out an equally scored block: the result is then another valid top k.
 
-- Scores, both kernels: fp32 store, fp32 products; bf16/fp16 store, the query cast to the
-  store's precision (the ``"torch"`` kernel rounds the scores to it too, the ``"triton"`` one
-  keeps them in fp32: its ties are fewer); int8 store, the query quantised the same way, the
-  integer product exact, then ``scale_video * scale_query``.
+- Scores, every kernel: fp32 store, fp32 products; bf16/fp16 store, the query cast to the
+  store's precision (the ``"torch"`` kernel rounds the scores to it too, the ``"inductor"`` and
+  ``"triton"`` ones keep them in fp32: their ties are fewer); int8 store, the query quantised
+  the same way, the integer product exact, then ``scale_video * scale_query`` (bit for bit the
+  same in every kernel).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from torch import Tensor
 from retrieval.retriever import batched_gemv, frame_products
 
 STORES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "inductor", "triton")
 
 
 def quantize(x: Tensor, store: str) -> tuple[Tensor, Tensor | None]:
@@ -73,7 +83,8 @@ def triton_available() -> bool:
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """``"auto"``: Triton on CUDA where it is installed, else torch.
+    """``"auto"``: Triton on CUDA where it is installed, else torch (``"inductor"`` is asked for by
+    name: its first call compiles, which a one-off search would not win back).
 
     Raises:
         ValueError: an unknown kernel, or ``"triton"`` where it cannot run.
@@ -97,16 +108,19 @@ def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int, chu
         scale: int8's ``[N, 1]`` scales, else ``None``.
         k: results per query (at most ``N``).
         chunk: rows per chunk of the ``"torch"`` kernel (default: cache-sized on the CPU, up to
-            64M scores on CUDA).
-        kernel: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
+            64M scores on CUDA) and of the ``"inductor"`` one (default: 16M scores).
+        kernel: ``"auto"``, ``"torch"``, ``"inductor"`` or ``"triton"`` (see the module docstring).
 
     Returns:
         ``(scores [B, k], indices [B, k])``, best first.
     """
     if (scale is None) == (codes.dtype == torch.int8):
         raise ValueError("an int8 store needs its scales, and only an int8 store has them")
-    if resolve_kernel(kernel, codes.device) == "triton":
+    kernel = resolve_kernel(kernel, codes.device)
+    if kernel == "triton":
         return _blockmax_topk(queries, codes, scale, k)
+    if kernel == "inductor":
+        return _fused_topk(queries, codes, scale, k, chunk)
     return _chunked_topk(queries, codes, scale, k, chunk)
 
 
@@ -126,6 +140,9 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
     a fresh output per chunk costs page faults that, on this project's CPU, took longer than
     the product itself. An int8 store is scored by ``torch._int_mm`` (int8 x int8 -> int32,
     the batch padded to 8 columns as the CUDA kernel needs), then scaled per (video, query).
+    An fp16 store is multiplied by a batch on the CPU as fp32 (each chunk upcast into one
+    cache-sized buffer, the scores rounded back to fp16): torch's CPU fp16 GEMM is a slow
+    fallback (one run at 1M x 512, batch 64: 310 ms a query against 8 upcast).
     """
     n, b, k = len(codes), len(queries), min(k, len(codes))
     if codes.device.type == "cuda" and chunk is None:
@@ -134,11 +151,15 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         chunk = max(65536, 2**26 // max(b, 8))
     q, q_scale = _query_operand(queries, codes, scale)
     one_column = scale is None and batched_gemv(codes, b)
+    upcast = codes.dtype == torch.float16 and codes.device.type == "cpu" and b > 1
     if scale is None:
         chunk = min(n, chunk or (65536 if one_column else chunk_rows(b, codes.shape[1])))
         q_rows = q
-        q = q.T.contiguous()  # [D, B]
+        q = (q.float() if upcast else q).T.contiguous()  # [D, B]
         scores = torch.empty(chunk, b, dtype=codes.dtype, device=codes.device)
+        if upcast:
+            upcast_rows = torch.empty(chunk, codes.shape[1])
+            upcast_scores = torch.empty(chunk, b)
     else:  # the int8 kernel is slow on narrow chunks at batch 1 (throwaway timings: 300 ms vs 3 ms)
         chunk = min(n, chunk or max(2048, 65536 // b))
         q = torch.nn.functional.pad(q, (0, 0, 0, -b % 8)).T.contiguous()  # [D, B padded to 8]
@@ -149,6 +170,9 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         part = codes[start:start + rows]
         if one_column:
             out = frame_products(part[:, None, :], q_rows).view(rows, 1)
+        elif upcast:
+            out = torch.mm(upcast_rows[:rows].copy_(part), q, out=upcast_scores[:rows])
+            out = scores[:rows].copy_(out)
         elif scale is None:
             out = torch.mm(part, q, out=scores[:rows])
         else:
@@ -161,6 +185,72 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
     values, indices = torch.cat(values).T, torch.cat(indices).T  # [B, chunks * k]
     best = values.topk(k, dim=1)
     return best.values, indices.gather(1, best.indices)
+
+
+# ---------------------------------------------------------------------- the inductor kernel
+@functools.cache
+def _compiled_products():
+    """``[rows, D]`` store x ``[B, D]`` fp32 query operand -> ``[rows, B]`` fp32 scores, one fused
+    pass (convert, multiply, sum per row), compiled once per store dtype and batch kind."""
+
+    def products(codes: Tensor, queries: Tensor) -> Tensor:
+        return (codes.to(torch.float32)[:, None, :] * queries).sum(-1)
+
+    return torch.compile(products, dynamic=True)
+
+
+def _fused_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
+                chunk: int | None) -> tuple[Tensor, Tensor]:
+    """The ``"inductor"`` kernel (module docstring).
+
+    The query operand holds the store's values in fp32 (a bf16/fp16 value and an int8 code are
+    exact there); every product of two such values is exact in fp32, and an int8 row's sum of
+    D products of up to 127 * 127 stays below 2^24 for D up to 1040, so int8 scores are bit for bit
+    those of the ``"torch"`` kernel's ``_int_mm`` at every CLIP width (ViT-L: 768).
+    """
+    n, b, k = len(codes), len(queries), min(k, len(codes))
+    q, q_scale = _query_operand(queries, codes, scale)
+    q = q.float()
+    chunk = min(n, chunk or max(k, 2**24 // b))
+    products = _compiled_products()
+    values, indices = [], []
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        try:
+            out = products(codes[start:start + rows], q)  # [rows, B]
+        except Exception as error:  # re-raised with what to do about it
+            raise RuntimeError("kernel 'inductor': torch.compile could not build the fused product here "
+                               "(on the CPU it needs a working C++ compiler); use kernel='torch'") from error
+        if scale is not None:
+            out.mul_(scale[start:start + rows]).mul_(q_scale.T)
+        top_values, top_indices = split_topk(out.T, min(k, rows))
+        values.append(top_values)
+        indices.append(top_indices + start)
+    values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    best = values.topk(k, dim=1)
+    return best.values, indices.gather(1, best.indices)
+
+
+def split_topk(scores: Tensor, k: int, parts: int = 32) -> tuple[Tensor, Tensor]:
+    """The top ``k`` of each row of ``scores [B, M]``, taken on ``parts`` slices of the row at once
+    (``topk`` runs rows in parallel, and one row on one thread), then among their winners and
+    the ``M mod parts`` leftover columns: ``(values, indices)``, best first. Exact: a row's top k
+    lie in the union of its slices' top k."""
+    b, m = scores.shape
+    parts = min(parts, m // max(k, 1))
+    if parts < 2:
+        top = scores.topk(k, dim=1)
+        return top.values, top.indices
+    scores = scores.contiguous()
+    width = m // parts
+    head = parts * width
+    top = scores.as_strided((b, parts, width), (m, width, 1)).topk(k, dim=2)
+    offsets = torch.arange(parts, device=scores.device)[:, None] * width
+    candidates = torch.cat([top.values.reshape(b, -1), scores[:, head:]], dim=1)
+    ids = torch.cat([(top.indices + offsets).reshape(b, -1),
+                     torch.arange(head, m, device=scores.device).expand(b, m - head)], dim=1)
+    best = candidates.topk(k, dim=1)
+    return best.values, ids.gather(1, best.indices)
 
 
 # ---------------------------------------------------------------------- the Triton kernel

@@ -1,4 +1,4 @@
-"""``retrieval.topk``: the exact search's two kernels against a float64 brute force.
+"""``retrieval.topk``: the exact search's kernels against a float64 brute force.
 
 The Triton kernel runs here in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU):
 the same kernel source the GPU compiles, so the block-max pruning and both passes are checked
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.topk import exact_topk, quantize, resolve_kernel
+from retrieval.topk import exact_topk, quantize, resolve_kernel, split_topk
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,6 +87,46 @@ def test_both_kernels_agree_on_fp32_and_int8_and_k_up_to_the_gallery():
             b = [t.cpu() for t in exact_topk(to(q), to(codes), to(scale), k, kernel="triton")]
             assert torch.equal(a[1], b[1]), (store, k)
             torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)  # scores up to ~30: summation order
+
+
+@pytest.mark.parametrize("store", ["fp32", "fp16", "bf16", "int8"])
+def test_inductor_kernel_equals_brute_force_and_int8_bit_for_bit_the_torch_kernel(store):
+    x, q = gallery(n=1003)
+    q = q[:5]
+    codes, scale = (x, None) if store == "fp32" else quantize(x, store)
+    for batch in (1, 5):
+        for k in (1, 10, 1003):  # one row; a usual k; every row
+            want = reference(q[:batch], codes, scale, k)
+            values, indices = exact_topk(q[:batch], codes, scale, k, kernel="inductor", chunk=300)  # 3 x 300 + 103
+            assert values.dtype == torch.float32 and values.shape == (batch, k)
+            assert torch.equal(indices, want.indices), (store, batch, k)
+            torch.testing.assert_close(values.double(), want.values, rtol=1e-6, atol=1e-6)
+            if store == "int8":  # exact integer products, then the same two scalings
+                assert torch.equal(values, exact_topk(q[:batch], codes, scale, k, kernel="torch", chunk=300)[0])
+    assert set(exact_topk(q[:1], codes, scale, 10, kernel="inductor")[1][0].tolist()) == set(range(64, 74))
+
+
+def test_split_topk_equals_one_topk_whatever_the_split():
+    g = torch.Generator().manual_seed(7)
+    for b, m in ((1, 1000), (3, 1001), (2, 37)):
+        scores = torch.randn(b, m, generator=g)  # distinct values: one right answer
+        for k in (1, 5, 31, m):
+            for parts in (2, 7, 32):  # a leftover tail whenever parts does not divide m; fewer parts than asked at large k
+                values, indices = split_topk(scores, k, parts)
+                want = scores.topk(k, dim=1)
+                assert torch.equal(values, want.values) and torch.equal(indices, want.indices), (b, m, k, parts)
+    columns = torch.randn(50, 4, generator=g)  # a non-contiguous [B, M] view (the [rows, B] scores' transpose)
+    assert torch.equal(split_topk(columns.T, 3, 4)[1], columns.T.topk(3, dim=1).indices)
+
+
+def test_torch_kernel_multiplies_an_fp16_batch_in_fp32_and_rounds_the_scores_to_fp16():
+    x, q = gallery(n=3000)
+    codes, _ = quantize(x, "fp16")
+    exact = q.half().double() @ codes.double().T  # [20, N]
+    values, indices = exact_topk(q, codes, None, 10, kernel="torch", chunk=1024)  # fp32 GEMM on upcast chunks
+    assert torch.equal(values.half().float(), values)  # fp16 values (returned as fp32, as every kernel does)
+    torch.testing.assert_close(exact.gather(1, indices).half().float(), values, rtol=0, atol=0)  # each index has its score
+    torch.testing.assert_close(values, exact.topk(10, dim=1).values.half().float(), rtol=0, atol=0)  # and the best
 
 
 def test_kernel_choice_is_checked():

@@ -161,12 +161,17 @@ def test_gallery_and_frontier_commands_run_on_tiny_sizes(tmp_path, monkeypatch):
     from retrieval.bench.latency import main as bench_main
 
     monkeypatch.chdir(tmp_path)
-    bench_main(["bench", "gallery", "--gallery", "3000", "--dim", "16", "--batch", "1", "8", "--repeats", "2"])
+    bench_main(["bench", "gallery", "--gallery", "3000", "--dim", "16", "--batch", "1", "8", "--repeats", "2",
+                "--kernel", "torch", "inductor"])
     (path,) = (tmp_path / "runs/bench").glob("gallery_*.csv")
     rows = list(csv_module.DictReader(open(path)))
-    assert {(r["store"], r["batch"]) for r in rows} == {(s, b) for s in ("fp32", "bf16", "fp16", "int8") for b in "18"}
-    assert all(float(r["ratio_to_floor"]) > 0 for r in rows)
-    assert [float(r["recall_at_k"]) for r in rows if r["store"] == "fp32"] == [100.0, 100.0]
+    assert {(r["kernel"], r["store"], r["batch"]) for r in rows} == {
+        (kernel, s, b) for kernel in ("torch", "inductor") for s in ("fp32", "bf16", "fp16", "int8") for b in "18"}
+    assert all(float(r["ratio_to_floor"]) > 0 and float(r["compute_floor_ms"]) > 0 for r in rows)
+    for r in rows:  # the roofline is the larger of the two floors
+        larger = max(float(r["read_floor_ms"]), float(r["compute_floor_ms"]))
+        assert float(r["ratio_to_roofline"]) == pytest.approx(float(r["ms_per_query_median"]) / larger, rel=1e-4)
+    assert [float(r["recall_at_k"]) for r in rows if r["store"] == "fp32"] == [100.0] * 4
 
 
 def test_gallery_rows_timed_on_a_busy_cpu_say_so(monkeypatch):

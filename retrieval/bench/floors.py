@@ -48,18 +48,23 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
 
 @functools.cache
 def matmul_gflops(device: str, dtype: torch.dtype, threads: int) -> float:
-    """This process's measured rate of a large square matmul, GFLOP/s (median of 5).
+    """This process's measured rate of a large square matmul, GFLOP/s (median of 5); int8 is
+    ``torch._int_mm`` (int8 x int8 -> int32), counted in the same two operations per MAC.
 
     ``threads`` is part of the cache key: the rate is measured again when it changes.
     """
     size = 4096 if torch.device(device).type == "cuda" else 1024
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    if dtype == torch.int8:
+        a, b = (torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device) for _ in range(2))
+        product = torch._int_mm
+    else:
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        product = torch.matmul
     times = []
     for i in range(6):
         synchronize(a.device)
         start = time.perf_counter()
-        a @ b
+        product(a, b)
         synchronize(a.device)
         if i:
             times.append(time.perf_counter() - start)

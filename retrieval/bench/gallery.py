@@ -3,14 +3,18 @@
 - :func:`gallery_from`: a benchmark gallery of N videos tiled from real ``encode_video`` output.
 - ``vtr bench gallery``: the fusion-free query at up to N = 1M, batch 1 and 64, with the
   gallery stored in fp32, bf16/fp16 or int8 (one scale per vector, :func:`quantize`), each
-  timed beside its read floor (its own bytes at the bandwidth measured in the same run), and
-  its exact-search recall@10 against the fp32 ranking; FAISS (flat, IVF, HNSW) where installed,
-  rows in the same CSV.
+  timed beside its read floor (its own bytes at the bandwidth measured in the same run) and its
+  compute floor (``2 N D`` operations a query at the rate of a large square matmul in the
+  store's arithmetic, measured in the same run: int8 by ``torch._int_mm``, fp16 on the CPU in
+  fp32, which has no fp16 FMA), and its exact-search recall@10 against the fp32 ranking; FAISS
+  (flat, IVF, HNSW) where installed, rows in the same CSV. ``ratio_to_roofline`` divides by the
+  larger floor: a batch of 64 is bound by arithmetic, not by the read, on a 2-core CPU.
 
 The exact search is :func:`retrieval.topk.exact_topk`: its ``"torch"`` kernel (chunks, each
-chunk's top k) and, on CUDA, its ``"triton"`` kernel (one fused pass writing block maxima, then
-the rows of the best k blocks), both timed where ``--kernel`` names them; neither writes the
-``[B, N]`` score matrix back to memory whole. Vectors are random unit Gaussians (seeded):
+chunk's top k), its ``"inductor"`` kernel (one compiled pass converting each code in
+registers: the CPU's batch-1 path for quantised stores) and, on CUDA, its ``"triton"`` kernel
+(one fused pass writing block maxima, then the rows of the best k blocks), each timed where
+``--kernel`` names it; none writes the ``[B, N]`` score matrix back to memory whole. Vectors are random unit Gaussians (seeded):
 the top 10 of a random query is then separated by small margins, the hard case for a
 quantised store, so its recall@10 is a pessimistic figure; real features tiled would tie.
 """
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor
 
 import retrieval
-from retrieval.bench.floors import memory_bandwidth_gbs, time_steps
+from retrieval.bench.floors import matmul_gflops, memory_bandwidth_gbs, time_steps
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
@@ -38,8 +42,8 @@ from retrieval.topk import KERNELS, STORES, exact_topk, quantize, recall_at, res
 log = logging.getLogger(__name__)
 
 COLUMNS = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads", "ms_per_query_median",
-           "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "bytes_per_video",
-           "gallery_mb", "recall_at_k", "bandwidth_gbs", "torch", "vtr", "note")
+           "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "compute_floor_ms", "ratio_to_roofline", "bytes_per_video",
+           "gallery_mb", "recall_at_k", "bandwidth_gbs", "compute_gflops", "torch", "vtr", "note")
 ROW_KEY = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads")
 
 
@@ -102,17 +106,27 @@ def contention_note(device: torch.device, threads: int) -> str:
             f"(rerun on an idle host or with --threads {max(1, int(cores - load))})")
 
 
+def compute_gflops(device: torch.device, store: str) -> float:
+    """The measured matmul rate of the arithmetic ``store`` is multiplied in: the store's own,
+    except fp16 on the CPU (fp32: an x86 CPU without AVX512-FP16 has no fp16 FMA, and torch's
+    CPU fp16 GEMM is a slow fallback that :func:`retrieval.topk.exact_topk` does not use)."""
+    dtype = torch.float32 if store == "fp16" and device.type == "cpu" else STORES[store]
+    return matmul_gflops(str(device), dtype, torch.get_num_threads())
+
+
 def _row(index: str, kernel: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
-         bytes_per_video: float, bandwidth: float, recall: float, device: torch.device) -> dict[str, Any]:
+         bytes_per_video: float, bandwidth: float, gflops: float, recall: float, device: torch.device) -> dict[str, Any]:
     per_query = sorted(1e3 * t / batch for t in times)
     p50, p99 = (float(torch.quantile(torch.tensor(per_query, dtype=torch.float64), q)) for q in (0.5, 0.99))
     floor = 1e3 * n * bytes_per_video / (bandwidth * 1e9) / batch
+    compute = 1e3 * 2 * n * dim / (gflops * 1e9)
     return {"index": index, "kernel": kernel, "store": store, "dim": dim, "gallery": n, "batch": batch, "k": k, "params": params,
             "device": device_name(device), "threads": torch.get_num_threads(),
             "ms_per_query_median": statistics.median(per_query), "ms_per_query_p50": p50, "ms_per_query_p99": p99,
             "repeats": len(times), "read_floor_ms": floor, "ratio_to_floor": statistics.median(per_query) / floor,
+            "compute_floor_ms": compute, "ratio_to_roofline": statistics.median(per_query) / max(floor, compute),
             "bytes_per_video": bytes_per_video, "gallery_mb": n * bytes_per_video / 2**20, "recall_at_k": recall,
-            "bandwidth_gbs": bandwidth, "torch": torch.__version__, "vtr": retrieval.__version__}
+            "bandwidth_gbs": bandwidth, "compute_gflops": gflops, "torch": torch.__version__, "vtr": retrieval.__version__}
 
 
 def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str], k: int = 10, repeats: int = 5,
@@ -137,7 +151,8 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
             for b, q in queries.items():
                 times = time_steps(lambda: exact_topk(q, codes, scale, k, kernel=kernel), dev, 1, repeats)
                 recall = recall_at(exact_topk(q, codes, scale, k, kernel=kernel)[1], truth[b])
-                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, bandwidth, recall, dev))
+                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, bandwidth,
+                                 compute_gflops(dev, store), recall, dev))
     if faiss_indexes:
         rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats, bandwidth)
     return rows
@@ -167,8 +182,8 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
             qn = q.numpy()
             times = time_steps(lambda: index.search(qn, k), torch.device("cpu"), 1, repeats)
             found = torch.from_numpy(index.search(qn, k)[1]).long()
-            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth, recall_at(found, truth[b]),
-                             torch.device("cpu")))
+            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth,
+                             compute_gflops(torch.device("cpu"), "fp32"), recall_at(found, truth[b]), torch.device("cpu")))
     return rows
 
 
@@ -185,7 +200,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=["auto"],
-                   help="exact-search kernels to time (auto: triton on CUDA where installed, else torch)")
+                   help="exact-search kernels to time (auto: triton on CUDA where installed, else torch; "
+                   "inductor: the compiled one-pass kernel, the CPU's batch-1 path for bf16/fp16/int8 stores)")
     p.add_argument("--faiss", action="store_true", help="add FAISS flat / IVF / HNSW rows (needs faiss-cpu)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (committed: experiments/results)")
     p.set_defaults(tool=__name__)
@@ -208,8 +224,10 @@ def run(args: argparse.Namespace) -> None:
                                                                args.repeats, args.device, args.faiss,
                                                                kernels=args.kernel)]
         merge_rows(path, rows, COLUMNS, ROW_KEY)
-    print(f"{'index':<11}{'kernel':<7}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'floor':>9}{'ratio':>7}{'recall':>8}")
+    print(f"{'index':<11}{'kernel':<9}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'read':>9}{'ratio':>7}"
+          f"{'compute':>9}{'roofline':>9}{'recall':>8}")
     for r in rows:
-        print(f"{r['index']:<11}{r['kernel']:<7}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
-              f"{r['ms_per_query_p99']:>9.3g}{r['read_floor_ms']:>9.3g}{r['ratio_to_floor']:>7.2f}{r['recall_at_k']:>8.1f}")
+        print(f"{r['index']:<11}{r['kernel']:<9}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
+              f"{r['ms_per_query_p99']:>9.3g}{r['read_floor_ms']:>9.3g}{r['ratio_to_floor']:>7.2f}"
+              f"{r['compute_floor_ms']:>9.3g}{r['ratio_to_roofline']:>9.2f}{r['recall_at_k']:>8.1f}")
     print(f"wrote {path}")
