@@ -177,13 +177,13 @@ def test_gallery_and_frontier_commands_run_on_tiny_sizes(tmp_path, monkeypatch):
 def test_gallery_rows_timed_on_a_busy_cpu_say_so(monkeypatch):
     from retrieval.bench import gallery
 
-    monkeypatch.setattr(gallery.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(gallery.os, "getloadavg", lambda: (1.3, 1.0, 1.0))  # one core busy elsewhere
+    monkeypatch.setattr(gallery.psutil, "cpu_count", lambda: 2)
+    monkeypatch.setattr(gallery.psutil, "cpu_percent", lambda interval: 65.0)  # 1.3 of 2 cores busy elsewhere
     note = gallery.contention_note(torch.device("cpu"), 2)
     assert "load 1.3 on 2 cores with 2 threads" in note and "--threads 1" in note
     assert gallery.contention_note(torch.device("cpu"), 1) == ""  # one thread fits the idle core
     assert gallery.contention_note(torch.device("cuda"), 2) == ""
-    monkeypatch.setattr(gallery.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    monkeypatch.setattr(gallery.psutil, "cpu_percent", lambda interval: 10.0)
     assert gallery.contention_note(torch.device("cpu"), 2) == ""
 
 

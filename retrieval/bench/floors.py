@@ -71,23 +71,46 @@ def matmul_gflops(device: str, dtype: torch.dtype, threads: int) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
+def read_probe(device: str | torch.device) -> torch.Tensor:
+    """A tensor far larger than the caches (2 GiB of fp32 on CUDA, 256 MiB on the CPU): its sum
+    is the read-bandwidth measurement."""
+    return torch.ones(2**29 if torch.device(device).type == "cuda" else 2**26, device=device)
+
+
+def read_gbs(probe: torch.Tensor) -> float:
+    """One synchronised sum of ``probe``, as GB/s read."""
+    synchronize(probe.device)
+    start = time.perf_counter()
+    probe.sum()
+    synchronize(probe.device)
+    return probe.numel() * probe.element_size() / (time.perf_counter() - start) / 1e9
+
+
+def time_steps_beside_reads(step: Callable[[], Any], probe: torch.Tensor, warmup: int,
+                            steps: int) -> tuple[list[float], list[float]]:
+    """:func:`time_steps` with a read of ``probe`` just before each step: ``(seconds of each
+    step, GB/s of each read)``. A step and its floor are then measured under the same load: on
+    this project's shared 2-core host the read rate moved between 23 and 52 GB/s from one
+    minute to the next, so a floor measured once per run put one kernel at 1.0x and at 1.3x."""
+    for _ in range(warmup):
+        read_gbs(probe)
+        step()
+    times, rates = [], []
+    for _ in range(steps):
+        rates.append(read_gbs(probe))
+        times.append(time_steps(step, probe.device, 0, 1)[0])
+    return times, rates
+
+
 @functools.cache
 def memory_bandwidth_gbs(device: str, threads: int) -> float:
-    """Measured read bandwidth, GB/s: the sum of a tensor far larger than the caches.
+    """Measured read bandwidth, GB/s: the median of 5 sums of :func:`read_probe` (one more untimed).
 
     ``threads`` is part of the cache key: the rate is measured again when it changes.
     """
-    numel = (2**29 if torch.device(device).type == "cuda" else 2**26)  # 2 GiB / 256 MiB of fp32
-    x = torch.ones(numel, device=device)
-    times = []
-    for i in range(6):
-        synchronize(x.device)
-        start = time.perf_counter()
-        x.sum()
-        synchronize(x.device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return numel * 4 / statistics.median(times) / 1e9
+    probe = read_probe(device)
+    read_gbs(probe)
+    return statistics.median(read_gbs(probe) for _ in range(5))
 
 
 @dataclass(frozen=True)

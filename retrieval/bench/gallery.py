@@ -3,7 +3,8 @@
 - :func:`gallery_from`: a benchmark gallery of N videos tiled from real ``encode_video`` output.
 - ``vtr bench gallery``: the fusion-free query at up to N = 1M, batch 1 and 64, with the
   gallery stored in fp32, bf16/fp16 or int8 (one scale per vector, :func:`quantize`), each
-  timed beside its read floor (its own bytes at the bandwidth measured in the same run) and its
+  timed beside its read floor (its own bytes at the read bandwidth measured just before each
+  of its repeats, :func:`~retrieval.bench.floors.time_steps_beside_reads`) and its
   compute floor (``2 N D`` operations a query at the rate of a large square matmul in the
   store's arithmetic, measured in the same run: int8 by ``torch._int_mm``, fp16 on the CPU in
   fp32, which has no fp16 FMA), and its exact-search recall@10 against the fp32 ranking; FAISS
@@ -23,17 +24,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import Tensor
 
 import retrieval
-from retrieval.bench.floors import matmul_gflops, memory_bandwidth_gbs, time_steps
+from retrieval.bench.floors import matmul_gflops, read_probe, time_steps_beside_reads
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
 from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
@@ -51,14 +52,6 @@ def available_memory_bytes(device: torch.device) -> int:
     """Free memory on ``device``: CUDA's free bytes, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-    except ImportError:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("cannot tell the available memory: install psutil") from None
     return psutil.virtual_memory().available
 
 
@@ -89,17 +82,22 @@ def gallery_from(model: Retriever, features: VideoFeatures, n: int, headroom: fl
 
 
 # ---------------------------------------------------------------------- ``vtr bench gallery``
-def contention_note(device: torch.device, threads: int) -> str:
+def contention_note(device: torch.device, threads: int, sample_s: float = 1.0) -> str:
     """A note for rows timed on a CPU whose other load leaves fewer idle cores than ``threads``.
+
+    The other load is the CPU use of the whole host over ``sample_s`` seconds while this
+    process waits, so it counts only other processes (the load average would count this
+    benchmark's own last minute: it marked every row of an otherwise idle run as contended).
 
     Then every parallel region waits at its barrier for a thread the OS has descheduled: on this
     project's 2-core host under a concurrent run, a 0.04 ms cast of 65k floats took 10 ms at 2
     threads, and the int8 and bf16 stores' batch-1 search at 1M x 64 (a dozen small parallel ops
     per chunk) 470-800 ms against 17-24 ms at 1 thread: contention, not a slow kernel.
     """
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+    if device.type != "cpu":
         return ""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    cores = psutil.cpu_count() or 1
+    load = psutil.cpu_percent(interval=sample_s) / 100 * cores
     if load + threads <= cores + 0.5:
         return ""
     return (f"contended: host load {load:.1f} on {cores} cores with {threads} threads "
@@ -141,7 +139,7 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
     gallery = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(dev)
     queries = {b: torch.nn.functional.normalize(torch.randn(b, dim, generator=generator), dim=1).to(dev)
                for b in batches}
-    bandwidth = memory_bandwidth_gbs(str(dev), torch.get_num_threads())
+    probe = read_probe(dev)
     truth = {b: exact_topk(q, gallery, None, k, kernel="torch")[1] for b, q in queries.items()}
     rows = []
     for store in stores:
@@ -149,17 +147,19 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
         per_video = codes[0].numel() * codes.element_size() + (4 if scale is not None else 0)
         for kernel in kernels:
             for b, q in queries.items():
-                times = time_steps(lambda: exact_topk(q, codes, scale, k, kernel=kernel), dev, 1, repeats)
+                times, rates = time_steps_beside_reads(lambda: exact_topk(q, codes, scale, k, kernel=kernel),
+                                                       probe, 1, repeats)
                 recall = recall_at(exact_topk(q, codes, scale, k, kernel=kernel)[1], truth[b])
-                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, bandwidth,
+                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, statistics.median(rates),
                                  compute_gflops(dev, store), recall, dev))
     if faiss_indexes:
-        rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats, bandwidth)
+        rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats,
+                            probe if dev.type == "cpu" else read_probe("cpu"))
     return rows
 
 
 def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Tensor], k: int, repeats: int,
-                bandwidth: float) -> list[dict[str, Any]]:
+                probe: Tensor) -> list[dict[str, Any]]:
     """FAISS flat, IVF-Flat and HNSW (inner product) over the fp32 gallery, on the CPU."""
     try:
         import faiss
@@ -180,9 +180,9 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
         index.add(x)
         for b, q in queries.items():
             qn = q.numpy()
-            times = time_steps(lambda: index.search(qn, k), torch.device("cpu"), 1, repeats)
+            times, rates = time_steps_beside_reads(lambda: index.search(qn, k), probe, 1, repeats)
             found = torch.from_numpy(index.search(qn, k)[1]).long()
-            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, bandwidth,
+            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, statistics.median(rates),
                              compute_gflops(torch.device("cpu"), "fp32"), recall_at(found, truth[b]), torch.device("cpu")))
     return rows
 
