@@ -141,6 +141,37 @@ def test_latency_times_a_two_stage_retriever(pair):
     assert all(r["ms_per_query_median"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("recipe", sorted((ROOT / "experiments/two_stage").glob("*.yaml")), ids=lambda p: p.stem)
+def test_two_stage_recipes_build_their_pair(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their parts name the model recipes from the repository root
+    model = build_retriever(read_recipe(recipe)["model"]["retriever"], {"backbone": "vtr-micro", "pretrained": None})
+    classes = {"clip2video": "CLIP2Video", "prompt_switch": "PromptSwitch", "xclip": "XCLIP", "glccl": "GLCCL"}
+    recaller, reranker = recipe.stem.rsplit("_", 1)  # <recaller>_<reranker>.yaml
+    assert isinstance(model, TwoStage) and model.k == 50
+    assert type(model.recaller).__name__ == classes[recaller] and model.recaller.fusion_free
+    assert type(model.reranker).__name__ == classes[reranker] and not model.reranker.fusion_free
+
+
+def test_latency_rerank_k_times_a_two_stage_recipe_per_k_and_the_others_once(tmp_path, monkeypatch):
+    import csv
+
+    from retrieval.bench.latency import main as bench_main
+
+    monkeypatch.chdir(ROOT)
+    common = ["--backbone", "vtr-micro", "--gallery", "30", "--batch", "1", "--repeats", "2", "--warmup", "1",
+              "--real-videos", "4", "--out", str(tmp_path)]
+    bench_main(["bench", "latency", "--config", "experiments/two_stage/clip2video_xclip.yaml", "--rerank-k", "5", "20",
+                "--config", "experiments/model/xclip.yaml", *common])  # the re-ranker alone: timed once
+    (path,) = tmp_path.glob("*.csv")
+    assert path.name.startswith("latency-two-stage_")
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["clip2video_xclip@k5", "clip2video_xclip@k20", "xclip"]
+    assert all(float(r["ms_per_query_median"]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="none of .'xclip.yaml'. is one"):
+        bench_main(["bench", "latency", "--config", "experiments/model/xclip.yaml", "--rerank-k", "5", *common])
+
+
 def test_int8_round_trip_error_is_at_most_half_a_step_per_vector():
     from retrieval.topk import dequantize, exact_topk, quantize, recall_at
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The efficiency numbers of issue 16 on one lent GPU (written for an NVIDIA H200), in ~8 minutes.
+# The efficiency numbers of issue 16 on one lent GPU (written for an NVIDIA H200), in ~10 minutes.
 #
 #   bash experiments/gpu/run.sh [OUT_DIR] [COMPARE_DIR]
 #
@@ -19,8 +19,11 @@
 #   (c) vtr bench frontier on COMPARE_DIR, galleries 10k/100k                      (<= 60 s)
 #   (d) vtr bench train    clips/s and MFU of a ViT-B/32 bf16 training step per method,
 #       batch 32, the recipe's frames (12; prompt_switch 6), MFU against 989 TFLOP/s (<= 120 s)
+#   (e) vtr bench latency --rerank-k: the four two-stage pairs of experiments/two_stage at
+#       ViT-B/32 shapes, fp16, k 10/50/200, galleries 10k/100k/1M, batch 1, with the two
+#       recallers and two re-rankers alone as the ends (latency-two-stage_*.csv)     (<= 150 s)
 #
-# VTR_GPU_STEPS="b c": run only those steps (default: a b c d).
+# VTR_GPU_STEPS="b c": run only those steps (default: a b c d e).
 # VTR_GPU_DRY_RUN=1: the same steps on the CPU at toy sizes (vtr-micro, 1k galleries, meanpool
 # and xclip only) to check the script itself.
 set -u
@@ -35,11 +38,11 @@ mkdir -p "$OUT"
 if [ "${VTR_GPU_DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu; GALLERIES="1000"; BACKBONE="--backbone vtr-micro"; GALLERY_N=1000
   RECIPES="--config experiments/model/meanpool.yaml --config experiments/model/xclip.yaml"
-  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(180 120 90 120)
+  TRAIN_BATCH=4; STEPS="--warmup 1 --steps 2"; FRONTIER_GALLERIES="1000"; T=(180 120 90 120 180)
 else
   DEVICE=cuda; GALLERIES="1000 10000 100000 1000000"; BACKBONE=""; GALLERY_N=1000000
   RECIPES="--all --recipes-dir experiments/model"
-  TRAIN_BATCH=32; STEPS="--warmup 3 --steps 8"; FRONTIER_GALLERIES="10000 100000"; T=(200 120 60 120)
+  TRAIN_BATCH=32; STEPS="--warmup 3 --steps 8"; FRONTIER_GALLERIES="10000 100000"; T=(200 120 60 120 150)
 fi
 
 # ---- preflight: what a bare CUDA torch machine may lack (the project is not pip-installed)
@@ -69,7 +72,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
   --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
 
 FAILED=()
-RUN_STEPS=" ${VTR_GPU_STEPS:-a b c d} "
+RUN_STEPS=" ${VTR_GPU_STEPS:-a b c d e} "
 step() {  # step NAME SECONDS ARGS...: one vtr command under its own timeout, timed
   local name=$1 limit=$2; shift 2
   if [[ "$RUN_STEPS" != *" $name "* ]]; then echo "=== ($name) not in VTR_GPU_STEPS: skipped"; return; fi
@@ -110,6 +113,13 @@ else
 fi
 step d "${T[3]}" bench train $RECIPES $BACKBONE --batch "$TRAIN_BATCH" --precision bf16 $STEPS \
   --peak-tflops 989 --device "$DEVICE" --out "$OUT"
+PAIRS=""
+for pair in experiments/two_stage/*.yaml; do PAIRS="$PAIRS --config $pair"; done
+ENDS="--config experiments/model/clip2video.yaml --config experiments/model/prompt_switch.yaml"
+ENDS="$ENDS --config experiments/model/xclip.yaml --config experiments/model/glccl.yaml"
+step e "${T[4]}" bench latency $PAIRS $ENDS --rerank-k 10 50 200 $BACKBONE --pretrained none --device "$DEVICE" \
+  --dtype fp16 --gallery $GALLERIES --batch 1 --real-videos 16 --offline-batch 8 --repeats 10 --warmup 2 \
+  --max-seconds-per-point 2 --out "$OUT"
 
 echo "=== done in $SECONDS s; CSVs in $OUT"
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -44,12 +44,15 @@ import torch
 from tqdm import tqdm
 
 import retrieval
-from retrieval.recipes import build_retriever, checkpoint_recipe, read_recipe, retriever_from_checkpoint, tokenize
+from retrieval.recipes import (TWO_STAGE, build_retriever, checkpoint_recipe, read_recipe, retriever_from_checkpoint,
+                               tokenize)
 from retrieval.bench.floors import scorer_floor
 from retrieval.bench.gallery import gallery_from
 from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, plot_latency, result_filename
 from retrieval.bench.timing import encode_videos, time_offline, time_online
+from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
+from retrieval.two_stage import TwoStage
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,13 @@ def eval_num_frames(recipe: dict[str, Any], model: Retriever) -> int:
 
 
 def bench_method(name: str, recipe: dict[str, Any], model: Retriever, settings: BenchSettings,
-                 progress: tqdm | None = None) -> list[dict[str, Any]]:
+                 progress: tqdm | None = None, rerank_ks: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Offline throughput, then online latency at every (gallery, batch) of ``settings``.
 
     A (gallery, batch) point whose extrapolated time (linear in N from the previous gallery)
     exceeds ``max_seconds_per_point`` is skipped with the larger galleries of that batch; a
-    row with a ``note`` records each skip.
+    row with a ``note`` records each skip. ``rerank_ks`` (a two-stage ``model``): the online
+    points once per re-ranked k, rows named ``<name>@k<K>``, on the same encoded videos.
     """
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     model = model.to(device=device, dtype=dtype).eval()
@@ -119,6 +123,19 @@ def bench_method(name: str, recipe: dict[str, Any], model: Retriever, settings: 
     offline = time_offline(model, frames, frame_mask, settings.offline_batch, repeats=3)
     features = encode_videos(model, frames, frame_mask, settings.offline_batch)
     tokens = tokenize(model, CAPTIONS).to(device)
+    rows = []
+    for k in rerank_ks or [None]:
+        if k is not None:
+            model.k = k
+        rows += _online_rows(name if k is None else f"{name}@k{k}", model, features, tokens, offline, settings,
+                             progress)
+    return rows
+
+
+def _online_rows(name: str, model: Retriever, features: VideoFeatures, tokens: torch.Tensor, offline: dict[str, float],
+                 settings: BenchSettings, progress: tqdm | None) -> list[dict[str, Any]]:
+    """:func:`bench_method`'s online points for one method (one k of a two-stage one)."""
+    device = torch.device(settings.device)
     with torch.inference_mode():
         floor = scorer_floor(model, model.encode_text(tokens[:1]), features[: min(8, len(features))])
     base = {
@@ -180,8 +197,15 @@ def _note(message: str, progress: tqdm | None) -> None:
 
 
 def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path, threads: int | None,
-                overrides: dict[str, Any], ckpt: str | None = None) -> tuple[Path, Path]:
-    """``vtr bench latency``: every recipe, every point; returns the CSV and PNG paths."""
+                overrides: dict[str, Any], ckpt: str | None = None,
+                rerank_ks: Sequence[int] = ()) -> tuple[Path, Path]:
+    """``vtr bench latency``: every recipe, every point; returns the CSV and PNG paths.
+
+    ``rerank_ks``: each two-stage recipe is timed once per re-ranked k (its rows named
+    ``<recipe>@k<K>``), at its own ``k`` otherwise; other recipes are timed once (a frontier's
+    ends, in the same run), all into ``latency-two-stage_*.csv``. Refused when no recipe is a
+    two-stage one.
+    """
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(settings.device)
@@ -189,8 +213,14 @@ def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path,
         raise RuntimeError("--device cuda but torch sees no CUDA device")
     if settings.dtype != "fp32" and device.type == "cpu":
         log.warning("--dtype %s on the CPU: many CPU kernels are slower in reduced precision", settings.dtype)
-    csv_path = out_dir / result_filename("latency", device, settings.dtype, torch.get_num_threads())
-    points = len(configs) * len(settings.galleries) * len(settings.batches)
+    kind = "latency-two-stage" if rerank_ks else "latency"  # a k sweep gets its own file and plot
+    csv_path = out_dir / result_filename(kind, device, settings.dtype, torch.get_num_threads())
+    two_stage = [read_recipe(c)["model"]["retriever"].get("class_path") == TWO_STAGE for c in configs]
+    if rerank_ks and not any(two_stage):
+        raise SystemExit("vtr bench latency: --rerank-k times two-stage recipes (experiments/two_stage), "
+                         f"and none of {[c.name for c in configs] or [ckpt]} is one")
+    runs = sum(len(rerank_ks) if is_pair and rerank_ks else 1 for is_pair in two_stage) or 1  # [] with --ckpt: one
+    points = runs * len(settings.galleries) * len(settings.batches)
     rows: list[dict[str, Any]] = []
     with tqdm(total=points, desc="vtr bench latency", unit="point") as progress:
         for config in configs or [None]:  # None: the checkpoint alone
@@ -201,7 +231,8 @@ def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path,
             else:
                 recipe = read_recipe(config)
                 model = build_retriever(recipe["model"]["retriever"], overrides, ckpt)
-            rows += bench_method(name, recipe, model, settings, progress)
+            rows += bench_method(name, recipe, model, settings, progress,
+                                 rerank_ks if isinstance(model, TwoStage) else ())
             merge_rows(csv_path, rows)  # keep what is measured if a later method fails
             del model
     all_rows = merge_rows(csv_path, rows)
@@ -249,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--warmup", type=int, default=3)
     lat.add_argument("-k", type=int, default=10, help="top-k")
     lat.add_argument("--chunk-size", type=int, default=None, help="gallery chunk per score call")
+    lat.add_argument("--rerank-k", type=int, nargs="+", default=[],
+                     help="time each two-stage recipe (experiments/two_stage) at each re-ranked k, other "
+                     "recipes once, into latency-two-stage_*.csv")
     lat.add_argument("--max-seconds-per-point", type=float, default=120.0,
                      help="time budget per (method, N, batch); larger galleries are skipped with a note")
     from retrieval.bench import frontier, gallery, metrics_time, train_step  # train_step imports this module
@@ -277,5 +311,7 @@ def main(argv: Sequence[str]) -> None:
         overrides["pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
     settings = BenchSettings(args.gallery, args.batch, args.device, args.dtype, args.real_videos, args.offline_batch,
                              args.repeats, args.warmup, args.k, args.chunk_size, args.max_seconds_per_point)
-    csv_path, png = run_latency(configs, settings, args.out, args.threads, overrides, args.ckpt)
+    if args.rerank_k and min(args.rerank_k) < 1:
+        raise SystemExit("vtr bench latency: --rerank-k values must be >= 1")
+    csv_path, png = run_latency(configs, settings, args.out, args.threads, overrides, args.ckpt, args.rerank_k)
     print(f"wrote {csv_path} and {png}")
