@@ -163,7 +163,7 @@ def test_latency_rerank_k_times_a_two_stage_recipe_per_k_and_the_others_once(tmp
     bench_main(["bench", "latency", "--config", "experiments/two_stage/clip2video_xclip.yaml", "--rerank-k", "5", "20",
                 "--config", "experiments/model/xclip.yaml", *common])  # the re-ranker alone: timed once
     (path,) = tmp_path.glob("*.csv")
-    assert path.name.startswith("latency-two-stage_")
+    assert path.name.startswith("latency-two-stage_") and path.with_suffix(".png").is_file()  # ms/query against k
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == ["clip2video_xclip@k5", "clip2video_xclip@k20", "xclip"]

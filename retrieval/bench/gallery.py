@@ -35,7 +35,7 @@ from torch import Tensor
 
 import retrieval
 from retrieval.bench.floors import matmul_gflops, read_probe, time_steps_beside_reads
-from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, result_filename
+from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, other_load, result_filename
 from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
 from retrieval.topk import KERNELS, STORES, exact_topk, quantize, recall_at, resolve_kernel
@@ -85,9 +85,8 @@ def gallery_from(model: Retriever, features: VideoFeatures, n: int, headroom: fl
 def contention_note(device: torch.device, threads: int, sample_s: float = 1.0) -> str:
     """A note for rows timed on a CPU whose other load leaves fewer idle cores than ``threads``.
 
-    The other load is the CPU use of the whole host over ``sample_s`` seconds while this
-    process waits, so it counts only other processes (the load average would count this
-    benchmark's own last minute: it marked every row of an otherwise idle run as contended).
+    The other load is :func:`~retrieval.bench.results.other_load` (the load average counted this
+    benchmark's own last minute too, and marked every row of an otherwise idle run contended).
 
     Then every parallel region waits at its barrier for a thread the OS has descheduled: on this
     project's 2-core host under a concurrent run, a 0.04 ms cast of 65k floats took 10 ms at 2
@@ -96,8 +95,7 @@ def contention_note(device: torch.device, threads: int, sample_s: float = 1.0) -
     """
     if device.type != "cpu":
         return ""
-    cores = psutil.cpu_count() or 1
-    load = psutil.cpu_percent(interval=sample_s) / 100 * cores
+    cores, load = psutil.cpu_count() or 1, other_load(sample_s)
     if load + threads <= cores + 0.5:
         return ""
     return (f"contended: host load {load:.1f} on {cores} cores with {threads} threads "

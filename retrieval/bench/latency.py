@@ -48,7 +48,7 @@ from retrieval.recipes import (TWO_STAGE, build_retriever, checkpoint_recipe, re
                                tokenize)
 from retrieval.bench.floors import scorer_floor
 from retrieval.bench.gallery import gallery_from
-from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, plot_latency, result_filename
+from retrieval.bench.results import DEFAULT_OUT, device_name, merge_rows, plot_latency, plot_two_stage, result_filename
 from retrieval.bench.timing import encode_videos, time_offline, time_online
 from retrieval.features import VideoFeatures
 from retrieval.retriever import Retriever
@@ -236,7 +236,7 @@ def run_latency(configs: Sequence[Path], settings: BenchSettings, out_dir: Path,
             merge_rows(csv_path, rows)  # keep what is measured if a later method fails
             del model
     all_rows = merge_rows(csv_path, rows)
-    png = plot_latency(all_rows, csv_path.with_suffix(".png"))
+    png = (plot_two_stage if rerank_ks else plot_latency)(all_rows, csv_path.with_suffix(".png"))
     _print_rows(rows)
     return csv_path, png
 

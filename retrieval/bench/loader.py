@@ -38,7 +38,7 @@ import av
 import numpy as np
 import torch
 
-from retrieval.bench.results import result_filename
+from retrieval.bench.results import other_load, result_filename
 from retrieval.data.datamodule import VideoTextDataModule, default_cache_dir
 from retrieval.data.video import sample_indices, write_video
 from retrieval.tools.prepare import prepare_folder
@@ -146,11 +146,11 @@ def run(annotations_dir: Path, videos_dir: Path, prepared_dir: Path | None, work
                 if source == "original":
                     passes["loader_cached"] = loader_pass(annotations_dir, folder, num_frames, w, True, batch_size)
                 modes = {mode: len(paths) / seconds for mode, seconds in time_interleaved(passes, repeats).items()}
-            raw = modes["raw"]
+            raw, load = modes["raw"], other_load()
             for mode, clips in modes.items():
                 rows.append({"source": source, "mode": mode, "workers": w, "num_videos": len(paths),
                              "num_frames": num_frames, "batch_size": batch_size, "clips_per_s": round(clips, 2),
-                             "ratio": round(clips / raw, 3), "host_load": round(os.getloadavg()[0], 2),
+                             "ratio": round(clips / raw, 3), "host_load": round(load, 2),
                              "pyav": av.__version__, "python": platform.python_version()})
                 print(f"{source:9s} {mode:14s} workers={w}: {clips:8.2f} clips/s ({clips / raw:.2f}x raw)")
     return rows

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 import retrieval
@@ -71,6 +72,13 @@ def device_name(device: torch.device) -> str:
         pass
     words = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*|\d+-core", " ", name.lower()).split()
     return "cpu-" + _slug(" ".join(words[:4]))
+
+
+def other_load(sample_s: float = 1.0) -> float:
+    """Cores' worth of CPU the host's other processes use: the whole host's use over
+    ``sample_s`` seconds, sampled while this process waits (the load average would count the
+    benchmark's own last minute too)."""
+    return psutil.cpu_percent(interval=sample_s) / 100 * (psutil.cpu_count() or 1)
 
 
 def result_filename(kind: str, device: torch.device, dtype: str, threads: int) -> str:
@@ -158,6 +166,50 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig.suptitle(f"online latency: encode_text + score + top-k | {first.get('device', '')} {first.get('dtype', '')} "
                  f"{first.get('threads', '')} threads | torch {first.get('torch', '')} vtr {first.get('vtr', '')}",
                  fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def plot_two_stage(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``vtr bench latency --rerank-k``'s plot: ms/query against the re-ranked k, one panel per
+    gallery size (batch 1 rows), one line per pair (rows ``<pair>@k<K>``), and each method timed
+    alone (the frontier's ends) as a dashed level in the same panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("ms_per_query_median") not in (None, "") and int(r["batch"]) == 1]
+    galleries = sorted({int(r["gallery"]) for r in timed}) or [0]
+    pairs = sorted({r["method"].split("@k")[0] for r in timed if "@k" in r["method"]})
+    ends = sorted({r["method"] for r in timed if "@k" not in r["method"]})
+    fig, axes = plt.subplots(1, len(galleries), figsize=(5 * len(galleries) + 3, 4.5), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, n in zip(axes[0], galleries):
+        here = [r for r in timed if int(r["gallery"]) == n]
+        for i, pair in enumerate(pairs):
+            points = sorted((int(r["method"].split("@k")[1]), float(r["ms_per_query_median"]))
+                            for r in here if r["method"].split("@k")[0] == pair and "@k" in r["method"])
+            ax.plot([k for k, _ in points], [ms for _, ms in points], "o-", color=colours[i % len(colours)], label=pair)
+        for j, end in enumerate(ends):
+            for r in here:
+                if r["method"] == end:
+                    ax.axhline(float(r["ms_per_query_median"]), linestyle="--", linewidth=1,
+                               color=colours[(len(pairs) + j) % len(colours)], label=f"{end} alone")
+        ax.set(xscale="log", yscale="log", xlabel="re-ranked k", ylabel="ms per query (batch 1)",
+               title=f"gallery N = {n:,}")
+        ax.grid(True, which="both", alpha=0.3)
+    legend = {}
+    for ax in axes[0]:
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
+    first = timed[0] if timed else {}
+    fig.suptitle(f"two-stage latency: both text towers + recall + re-rank of k | {first.get('device', '')} "
+                 f"{first.get('dtype', '')} {first.get('backbone', '')} | torch {first.get('torch', '')} "
+                 f"vtr {first.get('vtr', '')}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
