@@ -36,14 +36,19 @@ def block_max_one(codes, scale, query, q_scale, out, n, dim,
 @triton.jit
 def block_max_many(codes, scale, queries_t, q_scale, out, n, b, dim, num_blocks,
                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                   INT8: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   INT8: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT8_DOT: tl.constexpr):
     """A batch (``tl.dot``): ``out[q, j]`` = query ``q``'s best score over block ``j``.
-    ``queries_t`` is ``[D, B]`` (contiguous over the batch, so its tile loads coalesce)."""
+    ``queries_t`` is ``[D, B]`` (contiguous over the batch, so its tile loads coalesce).
+    ``INT8_DOT``: int8 codes multiplied as int8 into an int32 accumulator (exact, the integer
+    tensor cores) instead of as fp16."""
     block, query_block = tl.program_id(0), tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     qs = query_block * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok, q_ok = rows < n, qs < b
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    if INT8 and INT8_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         col_ok = cols < dim
@@ -51,13 +56,15 @@ def block_max_many(codes, scale, queries_t, q_scale, out, n, b, dim, num_blocks,
                     mask=row_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_N, BLOCK_D]
         q = tl.load(queries_t + cols[:, None] * b + qs[None, :],
                     mask=col_ok[:, None] & q_ok[None, :], other=0)  # [BLOCK_D, BLOCK_B]
-        if INT8:  # |codes| <= 127 are exact in fp16, their products and sums (< 2^24) in fp32
+        if INT8 and INT8_DOT:
+            acc = tl.dot(x, q, acc, out_dtype=tl.int32)
+        elif INT8:  # |codes| <= 127 are exact in fp16, their products and sums (< 2^24) in fp32
             acc = tl.dot(x.to(tl.float16), q.to(tl.float16), acc)
         elif UPCAST:  # bf16: exact in TF32 (8 of its 10 mantissa bits), so the products stay exact
             acc = tl.dot(x.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, q, acc, input_precision=PRECISION)
-    s = acc
+    s = acc.to(tl.float32)
     if INT8:
         s = s * tl.load(scale + rows, mask=row_ok, other=0.0)[:, None]
         s = s * tl.load(q_scale + qs, mask=q_ok, other=0.0)[None, :]

@@ -280,6 +280,11 @@ def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
                    config: dict | None = None) -> tuple[Tensor, Tensor]:
     """The ``"triton"`` kernel (module docstring): block maxima, then the rows of the best k blocks.
 
+    ``config`` overrides :data:`TRITON_CONFIG`'s launch parameters (``block_rows``, ``block_d``,
+    ``num_warps``, ``num_stages``) and may set ``int8_dot``: a batch over an int8 store multiplied
+    on the integer tensor cores (int8 x int8 into int32, exact) instead of as fp16. It is off
+    until ``experiments/gpu/tune_topk.py`` has timed it on a GPU (written without one).
+
     One query is scored on the CUDA cores in fp32 (a memory-bound read); a batch of two or more
     by ``tl.dot``: int8 codes as fp16 (exact: integers up to 127, products and sums below 2^24 in
     the fp32 accumulator), fp16 with fp32 accumulation, bf16 as TF32 (a bf16 value is exact in
@@ -312,7 +317,7 @@ def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         block_max_many[(num_blocks, -(-b // block_b))](
             codes, flat_scale, q.T.contiguous(), q_scale, maxima, n, b, dim, num_blocks, BLOCK_N=rows_per_block,
             BLOCK_B=block_b, BLOCK_D=cfg["block_d"], INT8=int8, UPCAST=bf16,
-            PRECISION="tf32" if bf16 else "tf32x3", **launch)
+            PRECISION="tf32" if bf16 else "tf32x3", INT8_DOT=bool(cfg.get("int8_dot", False)), **launch)
     picked = maxima.topk(min(k, num_blocks), dim=1).indices.to(torch.int32).contiguous()  # [B, k blocks]
     scores = torch.empty(b, picked.shape[1] * rows_per_block, dtype=torch.float32, device=codes.device)
     rows = torch.empty(scores.shape, dtype=torch.int64, device=codes.device)

@@ -76,6 +76,20 @@ def test_triton_block_max_search_equals_brute_force(store, batch):
 
 @pytest.mark.interpreted
 @interpreted
+def test_triton_int8_batch_on_the_integer_dot_is_exact_too():
+    from retrieval.topk import _blockmax_topk
+
+    x, q = gallery()
+    codes, scale = quantize(x, "int8")
+    to = (lambda t: t.to(DEVICE))
+    for k in (10, 1000):
+        want = exact_topk(q, codes, scale, k, kernel="torch")
+        values, indices = (t.cpu() for t in _blockmax_topk(to(q), to(codes), to(scale), k, {"int8_dot": True}))
+        assert torch.equal(indices, want[1]) and torch.equal(values, want[0])  # integer products: bit for bit
+
+
+@pytest.mark.interpreted
+@interpreted
 def test_both_kernels_agree_on_fp32_and_int8_and_k_up_to_the_gallery():
     g = torch.Generator().manual_seed(4)
     x, q = torch.randn(300, 32, generator=g), torch.randn(70, 32, generator=g)  # 70 queries: two query blocks
