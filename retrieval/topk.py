@@ -16,8 +16,10 @@ and writing little else.
     bytes: eager torch has no fused int8 or bf16 product with an fp32 query, and its int8
     ``_int_mm`` and bf16 GEMV ran at 4-5x their read floor at batch 1 on this project's CPU.
     Each chunk's top k is taken on 32 slices of it at once (one thread's ``topk`` over 1M
-    scores took 1.8 ms, slices 0.7 ms). Meant for batch 1 to about 16; a larger batch is a
-    GEMM, which the ``"torch"`` kernel's BLAS does better.
+    scores took 1.8 ms, slices 0.7 ms). Meant for batch 1 to about 8; a larger batch is a
+    GEMM, which the ``"torch"`` kernel's BLAS does better. Between the two, MKL runs the narrow
+    GEMM badly: 2-16 fp32 queries over 1M x 512 took 350-465 ms a batch with ``"torch"``,
+    and 81, 93, 230 and 332 ms at 2, 4, 8 and 16 queries with ``"inductor"`` (one run).
   - ``"triton"`` (CUDA, or Triton's interpreter): **block-max pruning**, exact. One fused pass
     reads the gallery once and writes only each block's best score per query
     (``[B, N / block]``, 64 rows per block by default), never the ``[B, N]`` score matrix. The true top k

@@ -126,11 +126,11 @@ def _row(index: str, kernel: str, store: str, dim: int, n: int, batch: int, k: i
 
 
 def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str], k: int = 10, repeats: int = 5,
-                 device: str = "cpu", faiss_indexes: bool = False, seed: int = 0,
+                 device: str = "cpu", faiss_indexes: Sequence[str] = (), seed: int = 0,
                  kernels: Sequence[str] = ("auto",)) -> list[dict[str, Any]]:
     """Exact top-k over ``n`` random unit vectors stored each way with each of ``kernels`` (and
-    FAISS's indexes where asked), timed per query batch; recall@k against the fp32 top-k of the
-    same queries by the ``"torch"`` kernel."""
+    the FAISS indexes named in ``faiss_indexes``, of :data:`FAISS_INDEXES`), timed per query
+    batch; recall@k against the fp32 top-k of the same queries by the ``"torch"`` kernel."""
     dev = torch.device(device)
     kernels = list(dict.fromkeys(resolve_kernel(kernel, dev) for kernel in kernels))
     generator = torch.Generator().manual_seed(seed)
@@ -152,13 +152,19 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
                                  compute_gflops(dev, store), recall, dev))
     if faiss_indexes:
         rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats,
-                            probe if dev.type == "cpu" else read_probe("cpu"))
+                            probe if dev.type == "cpu" else read_probe("cpu"), faiss_indexes)
     return rows
 
 
+FAISS_INDEXES = ("flat", "ivf", "hnsw")
+"""FAISS indexes ``vtr bench gallery --faiss`` can add: exact flat inner product, IVF-Flat
+(``nlist = 4 sqrt(N)`` trained on ``64 nlist`` vectors, ``nprobe`` 16) and HNSW (M 32,
+``efSearch`` 64; its build is the slow one: minutes per million vectors on two cores)."""
+
+
 def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Tensor], k: int, repeats: int,
-                probe: Tensor) -> list[dict[str, Any]]:
-    """FAISS flat, IVF-Flat and HNSW (inner product) over the fp32 gallery, on the CPU."""
+                probe: Tensor, names: Sequence[str] = FAISS_INDEXES) -> list[dict[str, Any]]:
+    """The FAISS indexes ``names`` (inner product) over the fp32 gallery, on the CPU."""
     try:
         import faiss
     except ImportError:
@@ -167,14 +173,23 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
     n, dim = gallery.shape
     x = gallery.numpy()
     nlist = max(1, int(4 * n ** 0.5))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.train(x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(n, 64 * nlist)].numpy()])
-    ivf.nprobe = 16
-    hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efSearch = 64
+
+    def build(name: str) -> tuple[Any, str]:
+        if name == "flat":
+            return faiss.IndexFlatIP(dim), ""
+        if name == "ivf":
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.train(x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(n, 64 * nlist)].numpy()])
+            ivf.nprobe = 16
+            return ivf, f"nlist={nlist} nprobe=16"
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = 64
+        return hnsw, "M=32 efSearch=64"
+
     rows = []
-    for name, index, params in (("faiss-flat", faiss.IndexFlatIP(dim), ""), ("faiss-ivf", ivf, f"nlist={nlist} nprobe=16"),
-                                ("faiss-hnsw", hnsw, "M=32 efSearch=64")):
+    for short in names:
+        index, params = build(short)
+        name = f"faiss-{short}"
         index.add(x)
         for b, q in queries.items():
             qn = q.numpy()
@@ -200,7 +215,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=["auto"],
                    help="exact-search kernels to time (auto: triton on CUDA where installed, else torch; "
                    "inductor: the compiled one-pass kernel, the CPU's batch-1 path for bf16/fp16/int8 stores)")
-    p.add_argument("--faiss", action="store_true", help="add FAISS flat / IVF / HNSW rows (needs faiss-cpu)")
+    p.add_argument("--faiss", nargs="*", choices=FAISS_INDEXES, default=None, metavar="INDEX",
+                   help=f"add FAISS rows (needs faiss-cpu): the indexes named, of {' '.join(FAISS_INDEXES)}; "
+                   "all of them when none is named")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (committed: experiments/results)")
     p.set_defaults(tool=__name__)
 
@@ -213,13 +230,14 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("vtr bench gallery: --gallery, --batch, --dim and -k must be >= 1")
     device = torch.device(args.device)
     path = args.out / result_filename("gallery", device, "mixed", torch.get_num_threads())
+    faiss_indexes = () if args.faiss is None else (args.faiss or FAISS_INDEXES)
     rows = []
     for n in args.gallery:
         note = contention_note(device, torch.get_num_threads())
         if note:
             log.warning("vtr bench gallery N=%d: %s", n, note)
         rows += [{**row, "note": note} for row in bench_stores(n, args.dim, args.batch, args.store, args.k,
-                                                               args.repeats, args.device, args.faiss,
+                                                               args.repeats, args.device, faiss_indexes,
                                                                kernels=args.kernel)]
         merge_rows(path, rows, COLUMNS, ROW_KEY)
     print(f"{'index':<11}{'kernel':<9}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'read':>9}{'ratio':>7}"
