@@ -105,6 +105,7 @@ class GLCCL(Retriever):
 
     eval_chunk_size = 512
     eval_chunk_pairs = 1024
+    eval_chunk_pairs_cuda = 65536  # measured on an H200 (Retriever.eval_chunk_pairs_cuda)
 
     def __init__(self, num_temporal_layers: int = 4, temperature: float = 0.01, guidance_temperature: float = 5.0,
                  csc_weight: float = 0.5, mask_padding_words: bool = False, mask_padding_frames: bool = False,

@@ -90,6 +90,11 @@ class Features(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return next(iter(self._tensors.values())).shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where its tensors are (its first field's device)."""
+        return next(iter(self._tensors.values())).device
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self._tensors.items())
         return f"{type(self).__name__}({fields})"
@@ -128,7 +133,7 @@ class Features(Mapping[str, Tensor]):
 
     def repeat_to(self: F, n: int) -> F:
         """Tile the rows cyclically up to ``n`` rows (benchmark galleries built from real features)."""
-        index = torch.arange(n, device=next(iter(self._tensors.values())).device) % len(self)
+        index = torch.arange(n, device=self.device) % len(self)
         return self[index]
 
     def nbytes(self) -> int:

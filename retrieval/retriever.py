@@ -61,6 +61,15 @@ class Retriever(nn.Module):
     chunk holds ``clamp(eval_chunk_pairs // Q, 16, eval_chunk_size)`` videos, so the per-pair
     tensors stay cache-sized for a single query and for a batch of 64 alike."""
 
+    eval_chunk_pairs_cuda: int | None = None
+    """None, or the pair budget per ``score`` call where the gallery is on a CUDA device: a chunk
+    then holds ``max(16, eval_chunk_pairs_cuda // Q)`` videos, not capped by ``eval_chunk_size``
+    (a CPU cache bound). None: the CPU's rule on every device. The CPU's small chunks leave a GPU
+    waiting on thousands of launches: at 1M videos on an H200 (fp16, ViT-B/32, one query),
+    X-CLIP, X-Pool and GLCCL took 1.16, 2.12 and 1.75 s with them and 33, 18 and 55 ms with
+    chunks of 65,536 videos (``experiments/results/latency_cuda-nvidia-h200_*_chunk65536.csv``),
+    the budget those three set."""
+
     def __init__(
         self,
         backbone: str = "vtr-tiny",
@@ -174,10 +183,22 @@ class Retriever(nn.Module):
         return groups
 
     def set_pair_budget(self, eval_chunk_pairs: int | None) -> None:
-        """Set ``eval_chunk_pairs`` on this instance, refusing a value < 1."""
+        """Set ``eval_chunk_pairs`` on this instance, on every device (the CUDA budget too),
+        refusing a value < 1."""
         if eval_chunk_pairs is not None and eval_chunk_pairs < 1:
             raise ValueError(f"eval_chunk_pairs must be >= 1 or None, got {eval_chunk_pairs}")
         self.eval_chunk_pairs = eval_chunk_pairs
+        self.eval_chunk_pairs_cuda = None
+
+    def gallery_chunk(self, queries: int, device: torch.device) -> int:
+        """Gallery videos per ``score`` call for ``queries`` queries over a gallery on ``device``:
+        ``eval_chunk_pairs_cuda`` on CUDA where set, else ``eval_chunk_size`` under the
+        ``eval_chunk_pairs`` budget."""
+        if device.type == "cuda" and self.eval_chunk_pairs_cuda is not None:
+            return max(16, self.eval_chunk_pairs_cuda // queries)
+        if self.eval_chunk_pairs is not None:
+            return max(16, min(self.eval_chunk_size, self.eval_chunk_pairs // queries))
+        return self.eval_chunk_size
 
     def set_chunk_size(self, eval_chunk_size: int) -> None:
         """Set ``eval_chunk_size`` on this instance, refusing a value < 1."""
@@ -192,15 +213,13 @@ class Retriever(nn.Module):
         Text-conditioned scorers build per-pair tensors, so chunking the gallery bounds their
         memory by the chunk, whatever N is. A fusion-free score is one ``[q, N]`` product and is
         not chunked unless ``chunk_size`` is given. Without ``chunk_size`` a chunk holds
-        ``eval_chunk_size`` videos, or fewer under the ``eval_chunk_pairs`` budget.
+        :meth:`gallery_chunk` videos.
         """
         if self.fusion_free and chunk_size is None:  # one [Q, D] x [D, N] product reads the gallery once
             if type(self).score is Retriever.score and batched_gemv(video.embedding, len(text)):
                 return self.logit_scale() * frame_products(video.embedding[:, None, :], text.embedding).view(1, -1)
             return self.score(text, video)
-        chunk = chunk_size or self.eval_chunk_size
-        if chunk_size is None and self.eval_chunk_pairs is not None:
-            chunk = max(16, min(chunk, self.eval_chunk_pairs // len(text)))
+        chunk = chunk_size or self.gallery_chunk(len(text), video.device)
         return torch.cat([self.score(text, part) for _, part in video.chunks(chunk)], dim=1)
 
     @torch.no_grad()

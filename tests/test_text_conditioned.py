@@ -68,3 +68,22 @@ def test_the_pair_budget_sizes_gallery_chunks(micro, monkeypatch):
         monkeypatch.setattr(micro, "eval_chunk_pairs", 5)  # 1 video per call? no: at least 16
         micro.score_gallery(text, video)
         assert sizes == [16, 16, 8]
+
+
+def test_a_gallery_on_cuda_takes_the_cuda_pair_budget_uncapped_and_an_explicit_budget_wins():
+    """The rule alone (a ``torch.device``, no GPU needed): the CUDA budget sets the chunk on a CUDA
+    gallery whatever ``eval_chunk_size`` is, and the CPU keeps its cache-sized rule."""
+    from baselines.glccl import GLCCL
+    from baselines.xclip import XCLIP
+    from baselines.xpool import XPool
+
+    model = XCLIP(backbone="vtr-micro")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.gallery_chunk(1, cpu) == 512 and model.gallery_chunk(64, cpu) == 48  # 3072 pairs / 64
+    assert model.gallery_chunk(1, cuda) == 65536 and model.gallery_chunk(64, cuda) == 1024  # 65536 pairs
+    assert model.gallery_chunk(10**6, cuda) == 16
+    assert XPool.eval_chunk_pairs_cuda == GLCCL.eval_chunk_pairs_cuda == 65536  # the three measured on an H200
+    model.set_pair_budget(256)  # an explicit budget: the same on every device
+    assert model.gallery_chunk(1, cuda) == model.gallery_chunk(1, cpu) == 256 and model.gallery_chunk(4, cuda) == 64
+    model.set_pair_budget(None)  # none: eval_chunk_size videos per call, on every device
+    assert model.gallery_chunk(64, cuda) == model.gallery_chunk(64, cpu) == 512

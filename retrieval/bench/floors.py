@@ -152,7 +152,7 @@ def scorer_floor(model: Retriever, text: TextFeatures,
     """
     if isinstance(model, TwoStage):
         return two_stage_floor(model, text, gallery_chunk)
-    device = next(iter(gallery_chunk.values())).device
+    device = gallery_chunk.device
     m = len(gallery_chunk)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.score(text[:1], gallery_chunk)

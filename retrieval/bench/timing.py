@@ -29,10 +29,6 @@ TEXT_RUNS = 5
 
 
 # ---------------------------------------------------------------------- timing primitives
-def _device_of(features: VideoFeatures) -> torch.device:
-    return next(iter(features.values())).device
-
-
 def time_online(
     model: Retriever,
     tokens: Tensor,
@@ -72,7 +68,7 @@ def time_online(
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    device = _device_of(gallery)
+    device = gallery.device
     model.eval()
     tokens = tokens.to(device)
     k = min(k, len(gallery))
