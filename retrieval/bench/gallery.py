@@ -43,7 +43,7 @@ from retrieval.topk import KERNELS, STORES, exact_topk, quantize, recall_at, res
 log = logging.getLogger(__name__)
 
 COLUMNS = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads", "ms_per_query_median",
-           "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "compute_floor_ms", "ratio_to_roofline", "bytes_per_video",
+           "ms_per_query_p50", "ms_per_query_p99", "repeats", "read_floor_ms", "ratio_to_floor", "ratio_to_floor_p10", "ratio_to_floor_p90", "compute_floor_ms", "ratio_to_roofline", "bytes_per_video",
            "gallery_mb", "recall_at_k", "bandwidth_gbs", "compute_gflops", "torch", "vtr", "note")
 ROW_KEY = ("index", "kernel", "store", "dim", "gallery", "batch", "k", "params", "device", "threads")
 
@@ -111,16 +111,23 @@ def compute_gflops(device: torch.device, store: str) -> float:
 
 
 def _row(index: str, kernel: str, store: str, dim: int, n: int, batch: int, k: int, params: str, times: list[float],
-         bytes_per_video: float, bandwidth: float, gflops: float, recall: float, device: torch.device) -> dict[str, Any]:
+         bytes_per_video: float, rates: list[float], gflops: float, recall: float, device: torch.device) -> dict[str, Any]:
+    """One CSV row from ``times`` (seconds per call) and the read rates measured beside them
+    (GB/s, one per repeat, :func:`time_steps_beside_reads`): ``ratio_to_floor`` is the median
+    time over the floor at the median rate, and its p10/p90 are those of each repeat's time over
+    its own repeat's floor (how far the ratio moves on this host)."""
     per_query = sorted(1e3 * t / batch for t in times)
     p50, p99 = (float(torch.quantile(torch.tensor(per_query, dtype=torch.float64), q)) for q in (0.5, 0.99))
+    bandwidth = statistics.median(rates)
     floor = 1e3 * n * bytes_per_video / (bandwidth * 1e9) / batch
+    paired = torch.tensor([t * rate * 1e9 / (n * bytes_per_video) for t, rate in zip(times, rates)], dtype=torch.float64)
+    ratio_p10, ratio_p90 = (float(torch.quantile(paired, q)) for q in (0.1, 0.9))
     compute = 1e3 * 2 * n * dim / (gflops * 1e9)
     return {"index": index, "kernel": kernel, "store": store, "dim": dim, "gallery": n, "batch": batch, "k": k, "params": params,
             "device": device_name(device), "threads": torch.get_num_threads(),
             "ms_per_query_median": statistics.median(per_query), "ms_per_query_p50": p50, "ms_per_query_p99": p99,
             "repeats": len(times), "read_floor_ms": floor, "ratio_to_floor": statistics.median(per_query) / floor,
-            "compute_floor_ms": compute, "ratio_to_roofline": statistics.median(per_query) / max(floor, compute),
+            "ratio_to_floor_p10": ratio_p10, "ratio_to_floor_p90": ratio_p90, "compute_floor_ms": compute, "ratio_to_roofline": statistics.median(per_query) / max(floor, compute),
             "bytes_per_video": bytes_per_video, "gallery_mb": n * bytes_per_video / 2**20, "recall_at_k": recall,
             "bandwidth_gbs": bandwidth, "compute_gflops": gflops, "torch": torch.__version__, "vtr": retrieval.__version__}
 
@@ -148,7 +155,7 @@ def bench_stores(n: int, dim: int, batches: Sequence[int], stores: Sequence[str]
                 times, rates = time_steps_beside_reads(lambda: exact_topk(q, codes, scale, k, kernel=kernel),
                                                        probe, 1, repeats)
                 recall = recall_at(exact_topk(q, codes, scale, k, kernel=kernel)[1], truth[b])
-                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, statistics.median(rates),
+                rows.append(_row("exact", kernel, store, dim, n, b, k, "", times, per_video, rates,
                                  compute_gflops(dev, store), recall, dev))
     if faiss_indexes:
         rows += _faiss_rows(gallery.cpu(), {b: q.cpu() for b, q in queries.items()}, truth, k, repeats,
@@ -195,7 +202,7 @@ def _faiss_rows(gallery: Tensor, queries: dict[int, Tensor], truth: dict[int, Te
             qn = q.numpy()
             times, rates = time_steps_beside_reads(lambda: index.search(qn, k), probe, 1, repeats)
             found = torch.from_numpy(index.search(qn, k)[1]).long()
-            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, statistics.median(rates),
+            rows.append(_row(name, "faiss", "fp32", dim, n, b, k, params, times, 4 * dim, rates,
                              compute_gflops(torch.device("cpu"), "fp32"), recall_at(found, truth[b]), torch.device("cpu")))
     return rows
 
@@ -240,10 +247,12 @@ def run(args: argparse.Namespace) -> None:
                                                                args.repeats, args.device, faiss_indexes,
                                                                kernels=args.kernel)]
         merge_rows(path, rows, COLUMNS, ROW_KEY)
-    print(f"{'index':<11}{'kernel':<9}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'read':>9}{'ratio':>7}"
+    print(f"{'index':<11}{'kernel':<9}{'store':<6}{'N':>9}{'batch':>6}{'ms/q':>9}{'p99':>9}{'read':>9}"
+          f"{'ratio [p10, p90]':>20}"
           f"{'compute':>9}{'roofline':>9}{'recall':>8}")
     for r in rows:
         print(f"{r['index']:<11}{r['kernel']:<9}{r['store']:<6}{r['gallery']:>9}{r['batch']:>6}{r['ms_per_query_median']:>9.3g}"
               f"{r['ms_per_query_p99']:>9.3g}{r['read_floor_ms']:>9.3g}{r['ratio_to_floor']:>7.2f}"
+              f" [{r['ratio_to_floor_p10']:.2f}, {r['ratio_to_floor_p90']:.2f}]"
               f"{r['compute_floor_ms']:>9.3g}{r['ratio_to_roofline']:>9.2f}{r['recall_at_k']:>8.1f}")
     print(f"wrote {path}")
