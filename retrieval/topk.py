@@ -143,7 +143,7 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
     the product itself. An int8 store is scored by ``torch._int_mm`` (int8 x int8 -> int32,
     the batch padded to 8 columns as the CUDA kernel needs), then scaled per (video, query);
     a batch on the CPU query-major instead (``[B, D] x [D, rows]``, each query's top k along a
-    contiguous row: 3.0 against 4.0 ms a query at 1M x 512, batch 64, one run).
+    contiguous row: 3.0-3.5 against 4.3 ms a query at 1M x 512, batch 64).
     An fp16 store is multiplied by a batch on the CPU as fp32 (each chunk upcast into one
     cache-sized buffer, the scores rounded back to fp16): torch's CPU fp16 GEMM is a slow
     fallback (one run at 1M x 512, batch 64: 310 ms a query against 8 upcast).
