@@ -118,6 +118,9 @@ def exact_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int, chu
     """
     if (scale is None) == (codes.dtype == torch.int8):
         raise ValueError("an int8 store needs its scales, and only an int8 store has them")
+    if queries.dim() != 2 or codes.dim() != 2 or queries.shape[1] != codes.shape[1]:
+        raise ValueError(f"queries [B, D] and a gallery [N, D] of the same width, got {tuple(queries.shape)} "
+                         f"and {tuple(codes.shape)}")
     kernel = resolve_kernel(kernel, codes.device)
     if kernel == "triton":
         return _blockmax_topk(queries, codes, scale, k)
@@ -222,6 +225,9 @@ def _fused_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
     D products of up to 127 * 127 stays below 2^24 for D up to 1040, so int8 scores are bit for bit
     those of the ``"torch"`` kernel's ``_int_mm`` at every CLIP width (ViT-L: 768).
     """
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
     n, b, k = len(codes), len(queries), min(k, len(codes))
     q, q_scale = _query_operand(queries, codes, scale)
     q = q.float()
@@ -232,7 +238,7 @@ def _fused_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         rows = min(chunk, n - start)
         try:
             out = products(codes[start:start + rows], q)  # [rows, B]
-        except Exception as error:  # re-raised with what to do about it
+        except (BackendCompilerFailed, InductorError) as error:
             raise RuntimeError("kernel 'inductor': torch.compile could not build the fused product here "
                                "(on the CPU it needs a working C++ compiler); use kernel='torch'") from error
         if scale is not None:

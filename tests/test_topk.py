@@ -150,6 +150,8 @@ def test_kernel_choice_is_checked():
     x = torch.randn(10, 8)
     with pytest.raises(ValueError, match="int8 store needs its scales"):
         exact_topk(x[:2], quantize(x, "int8")[0], None, 3)
+    with pytest.raises(ValueError, match=r"same width, got \(2, 4\) and \(10, 8\)"):
+        exact_topk(x[:2, :4], x, None, 3, kernel="inductor")
 
 
 def test_one_query_batched_products_equal_the_plain_product_and_where_they_are_used():
