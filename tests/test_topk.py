@@ -120,6 +120,20 @@ def test_inductor_kernel_equals_brute_force_and_int8_bit_for_bit_the_torch_kerne
     assert set(exact_topk(q[:1], codes, scale, 10, kernel="inductor")[1][0].tolist()) == set(range(64, 74))
 
 
+def test_inductor_kernel_without_a_working_compiler_says_what_to_use(monkeypatch):
+    from torch._inductor.exc import InductorError
+
+    from retrieval import topk
+
+    def no_compiler(codes, queries):
+        raise InductorError(RuntimeError("g++: not found"), None)
+
+    monkeypatch.setattr(topk, "_compiled_products", lambda: no_compiler)
+    x = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="needs a working C\\+\\+ compiler.*use kernel='torch'"):
+        exact_topk(x[:1], x, None, 3, kernel="inductor")
+
+
 def test_split_topk_equals_one_topk_whatever_the_split():
     g = torch.Generator().manual_seed(7)
     for b, m in ((1, 1000), (3, 1001), (2, 37)):
