@@ -158,14 +158,22 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="gallery size N (videos)", ylabel="ms per query",
                title=f"batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
+    first = timed[0] if timed else {}
+    return _save_figure(fig, axes[0], f"online latency: encode_text + score + top-k | {first.get('device', '')} "
+                        f"{first.get('dtype', '')} {first.get('threads', '')} threads | torch {first.get('torch', '')} "
+                        f"vtr {first.get('vtr', '')}", path)
+
+
+def _save_figure(fig, axes, title: str, path: Path) -> Path:
+    """One legend for all ``axes`` (each label once) at the right, ``title`` above, and the
+    figure written atomically to ``path`` (its suffix names the format), then closed."""
+    import matplotlib.pyplot as plt
+
     legend = {}
-    for ax in axes[0]:
+    for ax in axes:
         legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
     fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
-    first = timed[0] if timed else {}
-    fig.suptitle(f"online latency: encode_text + score + top-k | {first.get('device', '')} {first.get('dtype', '')} "
-                 f"{first.get('threads', '')} threads | torch {first.get('torch', '')} vtr {first.get('vtr', '')}",
-                 fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
@@ -202,16 +210,7 @@ def plot_two_stage(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="re-ranked k", ylabel="ms per query (batch 1)",
                title=f"gallery N = {n:,}")
         ax.grid(True, which="both", alpha=0.3)
-    legend = {}
-    for ax in axes[0]:
-        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
-    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
     first = timed[0] if timed else {}
-    fig.suptitle(f"two-stage latency: both text towers + recall + re-rank of k | {first.get('device', '')} "
-                 f"{first.get('dtype', '')} {first.get('backbone', '')} | torch {first.get('torch', '')} "
-                 f"vtr {first.get('vtr', '')}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return _save_figure(fig, axes[0], f"two-stage latency: both text towers + recall + re-rank of k | "
+                        f"{first.get('device', '')} {first.get('dtype', '')} {first.get('backbone', '')} | "
+                        f"torch {first.get('torch', '')} vtr {first.get('vtr', '')}", path)
