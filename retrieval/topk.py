@@ -200,8 +200,7 @@ def _chunked_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         values.append(top.values.float())
         indices.append(top.indices + start)
     values, indices = torch.cat(values).T, torch.cat(indices).T  # [B, chunks * k]
-    best = values.topk(k, dim=1)
-    return best.values, indices.gather(1, best.indices)
+    return best_of(values, indices, k)
 
 
 # ---------------------------------------------------------------------- the inductor kernel
@@ -247,8 +246,14 @@ def _fused_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
         values.append(top_values)
         indices.append(top_indices + start)
     values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
-    best = values.topk(k, dim=1)
-    return best.values, indices.gather(1, best.indices)
+    return best_of(values, indices, k)
+
+
+def best_of(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` of each row of candidate ``scores [B, M]`` and the gallery ``ids [B, M]``
+    they stand for: ``(values, ids)``, best first."""
+    best = scores.topk(k, dim=1)
+    return best.values, ids.gather(1, best.indices)
 
 
 def split_topk(scores: Tensor, k: int, parts: int = 32) -> tuple[Tensor, Tensor]:
@@ -269,8 +274,7 @@ def split_topk(scores: Tensor, k: int, parts: int = 32) -> tuple[Tensor, Tensor]
     candidates = torch.cat([top.values.reshape(b, -1), scores[:, head:]], dim=1)
     ids = torch.cat([(top.indices + offsets).reshape(b, -1),
                      torch.arange(head, m, device=scores.device).expand(b, m - head)], dim=1)
-    best = candidates.topk(k, dim=1)
-    return best.values, ids.gather(1, best.indices)
+    return best_of(candidates, ids, k)
 
 
 # ---------------------------------------------------------------------- the Triton kernel
@@ -343,8 +347,7 @@ def _blockmax_topk(queries: Tensor, codes: Tensor, scale: Tensor | None, k: int,
     rows = torch.empty(scores.shape, dtype=torch.int64, device=codes.device)
     block_scores[(b, picked.shape[1])](codes, flat_scale, q, q_scale, picked, scores, rows, n, dim, picked.shape[1],
                                        BLOCK_N=rows_per_block, BLOCK_D=128, INT8=int8)
-    best = scores.topk(k, dim=1)
-    return best.values, rows.gather(1, best.indices)
+    return best_of(scores, rows, k)
 
 
 def recall_at(found: Tensor, truth: Tensor) -> float:
